@@ -1,0 +1,65 @@
+"""Hydra entry point: `python -m pipeline ...` and the `yolo-pipeline` console script.
+
+Shell completion comes from Hydra: `yolo-pipeline -sc install=bash`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pipeline.yolo_env  # noqa: F401  (offline-safe Ultralytics before anything imports it)
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from pipeline.config import register, validate
+from pipeline.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_task_started = False
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _task(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    from pipeline import app
+
+    try:
+        validate(cfg)
+        app.run(cfg, _overrides())
+    except UserError as exc:
+        logging.getLogger("pipeline").debug("user error", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; the run is recorded as failed", file=sys.stderr)
+        sys.exit(130)
+
+
+def main() -> None:
+    if not CONF_DIR.is_dir():
+        print(f"error: config folder {CONF_DIR} not found; install the package in editable mode (pip install -e .)",
+              file=sys.stderr)
+        sys.exit(2)
+    register()
+    entry = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_task)
+    try:
+        entry()
+    except SystemExit as exc:
+        # Hydra exits 1 on config errors (unknown key, wrong type); those are the user's to fix.
+        if exc.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Running one stage: inputs, run folder, manifest record, timing, errors. Written once, here.
+
+Stages stay free of bookkeeping: they get `(cfg, ctx)` and return a `StageResult`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.context import StageContext, StageResult
+from pipeline.errors import UserError
+from pipeline.manifest import FAILED, RUNNING, SUCCEEDED, Manifest, atomic_write_text
+
+log = logging.getLogger("pipeline")
+
+# Which stages feed which: (upstream stages, prefer_order). prefer_order=True tries them in
+# order (the first with a succeeded output wins); otherwise the newest across them wins.
+UPSTREAM: dict[str, tuple[tuple[str, ...], bool]] = {
+    "evaluate": (("engine", "export", "retrain", "prune", "train"), False),
+    "prune": (("train",), True),
+    "retrain": (("prune",), True),
+    "export": (("retrain", "prune", "train"), True),
+    "engine": (("export",), True),
+    "infer": (("engine", "export", "retrain", "prune", "train"), True),
+}
+# Config sections (besides the stage's own) whose values change a stage's result.
+SHARED_KEYS = ("seed", "dataset", "model")
+STAGES_WITHOUT_MODEL_INPUT = ("dataset", "kmeans", "train", "report")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    node = cfg[key]
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else node
+
+
+def stage_config(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """The parts of the config that determine a stage's result (without its `input` path)."""
+    section = _plain(cfg, stage) if stage in cfg else {}
+    if isinstance(section, dict):
+        section = {k: v for k, v in section.items() if k != "input"}
+    return {stage: section, **{k: _plain(cfg, k) for k in SHARED_KEYS}}
+
+
+def config_hash(cfg: DictConfig, stage: str, inputs: list[dict[str, Any]]) -> str:
+    payload = {"config": stage_config(cfg, stage), "inputs": sorted(e["sha256"] for e in inputs)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Path | None = None) -> list[dict[str, Any]]:
+    """The stage's model input: `explicit`, else `<stage>.input`, else the newest upstream output."""
+    if stage not in UPSTREAM:
+        return []
+    upstream, prefer = UPSTREAM[stage]
+    user_path = explicit or (cfg[stage].get("input") if stage in cfg else None)
+    if user_path:
+        p = Path(str(user_path)).expanduser()
+        if not p.is_absolute() and not p.exists() and (manifest.root / p).exists():
+            p = manifest.root / p
+        if not p.exists():
+            raise UserError(f"{stage}.input={user_path} does not exist; give the path of a model file")
+        found = manifest.producer_of(p)
+        if found is not None:
+            record, entry = found
+            manifest.verify_artifact(entry)
+            return [{**entry, "role": "model", "produced_by": record["run_id"]}]
+        return [manifest.artifact("model", p)]
+    found = manifest.latest_output(upstream, prefer_order=prefer)
+    if found is None:
+        first = upstream[-1] if prefer else upstream[0]
+        raise UserError(
+            f"stage={stage} found no model in {manifest.root} (looked for a succeeded "
+            f"{' / '.join(upstream)} run); run stage={first} first, or set {stage}.input=PATH"
+        )
+    record, entry = found
+    manifest.verify_artifact(entry)
+    return [{**entry, "produced_by": record["run_id"]}]
+
+
+def _reusable(manifest: Manifest, stage: str, chash: str) -> dict[str, Any] | None:
+    for record in reversed(manifest.succeeded(stage)):
+        if record.get("config_hash") == chash:
+            try:
+                for out in record.get("outputs", []):
+                    manifest.verify_artifact(out)
+            except UserError as exc:
+                log.warning("not reusing %s: %s", record["run_id"], exc)
+                continue
+            return record
+    return None
+
+
+def _jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    def fix(v: Any) -> Any:
+        if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:
+            v = v.item()
+        if isinstance(v, float) and v != v:
+            return None
+        if isinstance(v, dict):
+            return {str(k): fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        if hasattr(v, "tolist"):
+            return v.tolist()
+        return v
+
+    return {k: fix(v) for k, v in metrics.items()}
+
+
+def run_stage(
+    cfg: DictConfig,
+    stage: str,
+    overrides: list[str] | None = None,
+    explicit_input: Path | None = None,
+    reuse: bool = False,
+) -> dict[str, Any]:
+    """Run `stage` and record it; return its manifest record (an existing one when reused)."""
+    manifest = Manifest(cfg.results_dir)
+    module = importlib.import_module(f"stages.{stage}")
+    inputs = resolve_inputs(cfg, stage, manifest, explicit_input)
+    chash = config_hash(cfg, stage, inputs)
+
+    lock = None
+    if reuse:
+        # One lock per config_hash: parallel sweep jobs wait for, then reuse, one baseline run.
+        lock_dir = manifest.root / ".locks"
+        lock_dir.mkdir(exist_ok=True)
+        lock = FileLock(str(lock_dir / f"{stage}-{chash[:16]}.lock"))
+        lock.acquire()
+    try:
+        if reuse:
+            existing = _reusable(manifest, stage, chash)
+            if existing is not None:
+                log.info("[%s] reusing %s (same config_hash; force=true redoes it)", stage, existing["run_id"])
+                return existing
+        return _execute(cfg, stage, module, manifest, inputs, chash, overrides or [])
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -> dict[str, Any]:
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    run_id = f"{stage}-{stamp}-{secrets.token_hex(2)}"
+    run_dir = manifest.root / stage / run_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger("pipeline"), logging.getLogger("ultralytics")]
+    for lg in loggers:
+        lg.addHandler(handler)
+
+    record: dict[str, Any] = {
+        "run_id": run_id, "stage": stage, "status": RUNNING, "started": _now(), "finished": None,
+        "seconds": None, "config_hash": chash, "overrides": list(overrides), "git_commit": _git_commit(),
+        "host": socket.gethostname(), "pid": os.getpid(), "run_dir": manifest.rel(run_dir),
+        "inputs": inputs, "outputs": [], "metrics": {},
+    }
+    manifest.add(record)
+    ctx = StageContext(cfg=cfg, stage=stage, run_id=run_id, run_dir=run_dir, manifest=manifest,
+                       log=logging.getLogger(f"pipeline.{stage}"), inputs=inputs)
+    t0 = time.perf_counter()
+    log.info("[%s] run %s -> %s", stage, run_id, run_dir)
+    try:
+        result: StageResult = module.run(cfg, ctx)
+        outputs = [manifest.artifact(role, path) for role, path in result.outputs]
+        fields = {
+            "status": SUCCEEDED, "finished": _now(), "seconds": round(time.perf_counter() - t0, 3),
+            "inputs": ctx.inputs, "outputs": outputs, "metrics": _jsonable_metrics(result.metrics),
+            "warnings": ctx.warnings, **ctx.extra,
+        }
+        done = manifest.update(run_id, **fields)
+        log.info("[%s] succeeded in %.1f s", stage, fields["seconds"])
+        return done
+    except BaseException as exc:
+        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, KeyboardInterrupt):
+            message = "interrupted (KeyboardInterrupt)"
+        manifest.update(run_id, status=FAILED, finished=_now(), seconds=round(time.perf_counter() - t0, 3),
+                        error=message, inputs=ctx.inputs, warnings=ctx.warnings, **ctx.extra)
+        raise
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,65 @@
+"""Make Ultralytics offline-safe and quiet. The one place that knows how; imported first.
+
+- no run-time pip installs, no requirement checks, no online checks, no analytics sync;
+- its settings file lives in a folder the pipeline owns (not the user's home);
+- plot fonts come from matplotlib's DejaVuSans instead of an internet download.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_DONE = False
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("YOLO_CONFIG_DIR") or Path(tempfile.gettempdir()) / f"yolo-tao-pipeline-{os.getuid()}")
+
+
+def setup() -> None:
+    """Set the environment before `ultralytics` is imported; safe to call many times."""
+    global _DONE
+    if _DONE:
+        return
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "true")
+    # OpenVINO's telemetry stays silent offline; opt out explicitly so it never tries.
+    os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
+    cdir = config_dir()
+    os.environ["YOLO_CONFIG_DIR"] = str(cdir)
+    cdir.mkdir(parents=True, exist_ok=True)
+    _install_fonts(cdir)
+    _DONE = True
+
+
+def _install_fonts(cdir: Path) -> None:
+    missing = [n for n in ("Arial.ttf", "Arial.Unicode.ttf") if not (cdir / n).exists()]
+    if not missing:
+        return
+    try:
+        import matplotlib
+
+        src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    except ImportError:
+        return
+    for name in missing:
+        if src.exists():
+            tmp = cdir / f".{name}.tmp{os.getpid()}"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, cdir / name)
+
+
+def quiet_settings() -> None:
+    """Turn off Ultralytics' analytics sync and hub features in its (pipeline-owned) settings."""
+    from ultralytics.utils import SETTINGS
+
+    if SETTINGS.get("sync", False):
+        SETTINGS.update({"sync": False})
+
+
+setup()
