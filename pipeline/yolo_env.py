@@ -32,8 +32,9 @@ def setup() -> None:
     os.environ.setdefault("OPENVINO_TELEMETRY_OPT_OUT", "1")
     cdir = config_dir()
     os.environ["YOLO_CONFIG_DIR"] = str(cdir)
-    cdir.mkdir(parents=True, exist_ok=True)
-    _install_fonts(cdir)
+    # Ultralytics keeps its settings and fonts in <YOLO_CONFIG_DIR>/Ultralytics.
+    (cdir / "Ultralytics").mkdir(parents=True, exist_ok=True)
+    _install_fonts(cdir / "Ultralytics")
     _DONE = True
 
 
