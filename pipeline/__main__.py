@@ -9,11 +9,11 @@ import logging
 import sys
 from pathlib import Path
 
-import pipeline.yolo_env  # noqa: F401  (offline-safe Ultralytics before anything imports it)
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import pipeline.yolo_env  # noqa: F401  (offline-safe Ultralytics before anything imports it)
 from pipeline.config import register, validate
 from pipeline.errors import UserError
 
