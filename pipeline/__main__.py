@@ -6,6 +6,7 @@ Shell completion comes from Hydra: `yolo-pipeline -sc install=bash`.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -45,7 +46,12 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+def _interrupt(signum, frame):  # SIGTERM (Slurm preemption, docker stop) -> recorded as interrupted
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     if not CONF_DIR.is_dir():
         print(f"error: config folder {CONF_DIR} not found; install the package in editable mode (pip install -e .)",
               file=sys.stderr)
