@@ -1,0 +1,152 @@
+"""Quantisation-aware training (QAT) with NVIDIA ModelOpt, in the form TensorRT consumes.
+
+The model gets INT8 fake-quantisers (8-bit, per-channel weights, per-tensor activations) through
+Ultralytics' own `prepare_qat`, so the result is exactly what `yolo train quantize=8` builds: the
+Detect head's output convolutions and DFL stay in float, checkpoints carry the float module plus a
+`modelopt` state, and `YOLO(path).export(format="onnx")` writes QuantizeLinear/DequantizeLinear
+pairs. What differs is the calibration: ours runs on `calib_batches` un-augmented training images
+of the model *as it is now* (after float recovery), chosen with a seed, instead of on 8 mosaic
+batches the trainer draws itself. ModelOpt holds the ranges fixed after calibration, so they must
+come from a model that already detects (recipes.md, "QAT").
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+# What the manifest records about the quantisation (the keys are the metric names).
+QUANT_SETTINGS: dict[str, Any] = {
+    "quant_bits": 8,
+    "quant_weights": "per_channel",
+    "quant_activations": "per_tensor",
+}
+
+log = logging.getLogger("pipeline.qat")
+
+
+def require_modelopt() -> None:
+    """Refuse early, with the fix, when ModelOpt cannot be imported."""
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"retrain.qat=true needs NVIDIA ModelOpt ({exc}); install it with "
+            "`pip install nvidia-modelopt huggingface_hub`, or set retrain.qat=false for float retraining"
+        ) from None
+
+
+def calibration_batches(data_yaml: str | Path, imgsz: int, batch: int, batches: int, seed: int = 0,
+                        stride: int = 32) -> list[torch.Tensor]:
+    """`batches` batches of training images (letterboxed to imgsz, 0..1 float), chosen with `seed`.
+
+    No augmentation: the ranges are for the images the deployed model will see.
+    """
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(data_yaml))
+    cfg = get_cfg(overrides={"imgsz": imgsz, "task": "detect", "cache": False, "fraction": 1.0})
+    dataset = build_yolo_dataset(cfg, data["train"], batch, data, mode="val", rect=False, stride=stride)
+    if len(dataset) == 0:
+        raise UserError(f"the training split of {data_yaml} has no images to calibrate the quantisers on")
+    n = min(len(dataset), batches * batch)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    out = []
+    for start in range(0, n, batch):
+        items = [dataset[i] for i in order[start:start + batch]]
+        out.append(torch.stack([it["img"] for it in items]).float() / 255)
+    return out
+
+
+def prepare(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device = "cpu") -> nn.Module:
+    """Insert calibrated INT8 fake-quantisers into `model` (in place); head outputs and DFL stay float."""
+    require_modelopt()
+    from ultralytics.utils.torch_utils import prepare_qat
+
+    dev = _torch_device(device)
+    model = model.to(dev).float()
+    quantised = prepare_qat(model, calib, lambda x: x.to(dev), batches=len(calib))
+    counts = quantiser_counts(quantised)
+    if counts["enabled"] == 0:
+        raise RuntimeError("ModelOpt inserted no enabled quantiser; the model would train in float")
+    log.info("QAT: %d quantisers enabled, %d kept in float (head outputs, DFL), calibrated on %d batches",
+             counts["enabled"], counts["disabled"], len(calib))
+    return quantised
+
+
+def _torch_device(device: str | torch.device) -> torch.device:
+    """torch device of an Ultralytics device string ('cpu', '0', '0,1' -> the first GPU)."""
+    if isinstance(device, torch.device):
+        return device
+    value = str(device)
+    return torch.device("cpu" if value in ("cpu", "") else f"cuda:{value.split(',')[0]}" if value[0].isdigit() else value)
+
+
+def save(model: nn.Module, path: str | Path) -> Path:
+    """Write a quantised model as an Ultralytics QAT checkpoint (float module + `modelopt` state)."""
+    from ultralytics.utils.torch_utils import qat_state, strip_qat
+
+    from pipeline.models import save_checkpoint
+
+    state = qat_state(model)
+    if state is None:
+        raise ValueError("model holds no quantisers; save it with pipeline.models.save_checkpoint")
+    plain = copy.deepcopy(model).cpu()
+    strip_qat(plain)  # ModelOpt's runtime classes do not pickle; the state above re-applies them at load
+    return save_checkpoint(plain, path, extra={"modelopt": state})
+
+
+def load(path: str | Path) -> nn.Module:
+    """A QAT checkpoint's model with its fake-quantisers restored (a float checkpoint loads as is).
+
+    `pipeline.models.load_model` returns the float module alone, which is right for size figures
+    (thop does not count ModelOpt's layers) but drops the trained quantiser ranges.
+    """
+    from pipeline.models import load_checkpoint, load_model
+
+    model = load_model(path)
+    state = load_checkpoint(path).get("modelopt")
+    if state:
+        require_modelopt()
+        from ultralytics.utils.torch_utils import restore_qat
+
+        restore_qat(model, state)
+    return model
+
+
+def quantiser_counts(model: nn.Module) -> dict[str, int]:
+    """Enabled and disabled ModelOpt TensorQuantizers in `model` (both 0 for a float model)."""
+    enabled = disabled = 0
+    for m in model.modules():
+        if type(m).__name__ == "TensorQuantizer":
+            if getattr(m, "is_enabled", True):
+                enabled += 1
+            else:
+                disabled += 1
+    return {"enabled": enabled, "disabled": disabled}
+
+
+def is_quantised(model: nn.Module) -> bool:
+    """True when `model` holds at least one enabled fake-quantiser."""
+    return quantiser_counts(model)["enabled"] > 0
+
+
+def checkpoint_is_qat(path: str | Path) -> bool:
+    """True when a `.pt` carries a ModelOpt state (an Ultralytics QAT checkpoint)."""
+    from pipeline.models import load_checkpoint
+
+    return bool(load_checkpoint(path).get("modelopt"))
+
+
+def settings(calib_batches: int) -> dict[str, Any]:
+    """The quantisation settings for the manifest."""
+    return {**QUANT_SETTINGS, "quant_calib_batches": int(calib_batches)}
