@@ -1,0 +1,245 @@
+"""Training through Ultralytics' trainer: one `fit()` for stage=train and stage=retrain.
+
+- A model given as an nn.Module is trained AS IS (a pruned architecture is never rebuilt from its
+  YAML) and the checkpoints (best.pt / last.pt, Ultralytics' format) pickle that module.
+- Sparsity regularisation for prune-friendly training lives here once, as a wrapper around the
+  model's loss criterion installed by a trainer callback: `l1` adds `weight * sum|W|` over the conv
+  kernels (TAO's L1 regulariser), `bn` adds `weight * sum|gamma|` over the BatchNorm scales (network
+  slimming). The term is added per image, like TAO adds it to its per-image mean loss, so its
+  gradient goes through the same AMP scaling, accumulation and clipping as the detection loss; it
+  appears as the `sparsity` column of results.csv.
+- A NaN/inf loss stops training at once with a one-line UserError (Ultralytics would otherwise try
+  to recover from last.pt, or carry on in the first epoch).
+- Ultralytics writes exactly into `save_dir` (never ./runs); its final re-validation of best.pt is
+  replaced by `pipeline.evaluation.evaluate`, so the returned metrics are the pipeline's own numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
+
+from pipeline.errors import UserError
+from pipeline.evaluation import evaluate
+
+SPARSITY_KINDS = ("none", "l1", "bn")
+
+
+@dataclass
+class FitResult:
+    """What a training run left: checkpoints, metrics of best.pt on the val split, epochs trained."""
+
+    best: Path
+    last: Path
+    metrics: dict[str, Any]
+    epochs: int
+
+
+class PipelineTrainer(DetectionTrainer):
+    """DetectionTrainer that trains a given module as is and leaves the final evaluation to `fit`."""
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        """On resume, the checkpoint's own module (a pruned one would not fit its YAML)."""
+        if isinstance(weights, nn.Module):
+            for p in weights.parameters():
+                p.requires_grad_(True)
+            return weights
+        return super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+
+    def final_eval(self) -> None:
+        """Strip the optimiser from the checkpoints; `fit` evaluates best.pt itself (once, not twice)."""
+        if self.last.exists():
+            ckpt = strip_optimizer(self.last)
+            if self.best.exists():
+                strip_optimizer(self.best, updates={"train_results": ckpt.get("train_results")})
+
+
+class SparsityLoss:
+    """A detection criterion plus `weight` x L1 norm of `params`, counted once per image in the batch."""
+
+    def __init__(self, criterion: Any, params: list[nn.Parameter], weight: float):
+        self.criterion = criterion
+        self.params = params
+        self.weight = weight
+
+    def penalty(self) -> torch.Tensor:
+        return self.weight * torch.stack([p.abs().sum() for p in self.params]).sum()
+
+    def __call__(self, preds: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, items = self.criterion(preds, batch)
+        penalty = self.penalty()
+        extra = (penalty * batch["img"].shape[0]).reshape(1).to(loss.dtype)
+        return torch.cat([loss.reshape(-1), extra]), {**items, "sparsity": penalty.detach()}
+
+    def __getattr__(self, name: str) -> Any:
+        # The trainer calls criterion.update() each epoch and reads its attributes; pass them through.
+        if name == "criterion":  # not set yet (unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.criterion, name)
+
+
+def sparsity_params(model: nn.Module, kind: str, trainable_only: bool = True) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) pairs the sparsity term acts on: conv kernels (l1) or BatchNorm gammas (bn)."""
+    kinds = {"l1": nn.Conv2d, "bn": nn.BatchNorm2d}
+    out = []
+    for mname, m in model.named_modules():
+        if isinstance(m, kinds[kind]) and m.weight is not None and (m.weight.requires_grad or not trainable_only):
+            out.append((f"{mname}.weight", m.weight))
+    return out
+
+
+class _SparsityHook:
+    """on_pretrain_routine_end: wrap the criterion of the trained model (and of its EMA, for val loss)."""
+
+    def __init__(self, kind: str, weight: float):
+        self.kind, self.weight = kind, weight
+
+    def __call__(self, trainer: DetectionTrainer) -> None:
+        model = unwrap_model(trainer.model)
+        chosen = sparsity_params(model, self.kind)
+        if not chosen:
+            raise UserError(f"sparsity={self.kind}: the model has no trainable {'conv' if self.kind == 'l1' else 'BN'} weights")
+        _wrap(model, [p for _, p in chosen], self.weight)
+        if trainer.ema is not None:
+            ema_params = dict(trainer.ema.ema.named_parameters())
+            _wrap(trainer.ema.ema, [ema_params[n] for n, _ in chosen if n in ema_params], self.weight)
+
+
+def _wrap(model: nn.Module, params: list[nn.Parameter], weight: float) -> None:
+    criterion = getattr(model, "criterion", None) or model.init_criterion()
+    if isinstance(criterion, SparsityLoss):
+        criterion = criterion.criterion
+    model.criterion = SparsityLoss(criterion, params, weight)
+
+
+def _unwrap_criterion(model: nn.Module) -> None:
+    criterion = getattr(model, "criterion", None)
+    if isinstance(criterion, SparsityLoss):
+        model.criterion = criterion.criterion
+
+
+def _stop_on_nonfinite(trainer: DetectionTrainer) -> None:
+    """on_train_batch_end: a NaN/inf loss ends the run with a message instead of a silent recovery."""
+    loss = trainer.loss
+    if loss is not None and not bool(torch.isfinite(loss)):
+        items = {k: round(float(v), 4) for k, v in (trainer.loss_items or {}).items()}
+        raise UserError(
+            f"training diverged: the loss became {float(loss)} in epoch {trainer.epoch + 1} (loss terms {items}); "
+            f"lower lr0 (now {trainer.args.lr0}) or sparsity_weight, or check the labels"
+        )
+
+
+def fit(
+    model: str | nn.Module,
+    data_yaml: str | Path,
+    save_dir: str | Path,
+    args: dict[str, Any],
+    *,
+    sparsity: str = "none",
+    sparsity_weight: float = 0.0,
+    log: logging.Logger | None = None,
+) -> FitResult:
+    """Train `model` on `data_yaml` with Ultralytics' trainer, writing into `save_dir`.
+
+    `model`: a model name/YAML ("yolov8n.yaml", built with the dataset's classes), an nn.Module
+    (trained as is), or, with `args["resume"]`, the last.pt of an interrupted run. `args` are
+    Ultralytics train overrides (epochs, imgsz, batch, optimizer, lr0, device, freeze, quantize, ...).
+    """
+    log = log or logging.getLogger("pipeline.training")
+    if sparsity not in SPARSITY_KINDS:
+        raise UserError(f"sparsity={sparsity!r} is not valid; choose one of: {', '.join(SPARSITY_KINDS)}")
+    if sparsity != "none" and not sparsity_weight > 0:
+        raise UserError(f"sparsity={sparsity} needs sparsity_weight > 0 (got {sparsity_weight})")
+    save_dir = Path(save_dir).resolve()
+    overrides = {"plots": False, **args}
+    if int(overrides.get("epochs", 100)) < 1:
+        raise UserError(f"epochs={overrides.get('epochs')}: train at least one epoch")
+    device = str(overrides.get("device", "cpu"))
+    if device == "cpu":
+        overrides["amp"] = False  # Ultralytics' AMP check downloads a model; AMP does nothing on CPU anyway
+    overrides.update(
+        data=str(data_yaml), task="detect", mode="train",
+        save_dir=str(save_dir), project=str(save_dir.parent), name=save_dir.name, exist_ok=True,
+    )
+    module = None
+    if overrides.get("resume"):
+        last = Path(model)
+        if not last.is_file():
+            raise UserError(f"resume: {last} does not exist")
+        overrides["resume"] = str(last)
+        old_csv = last.parent.parent / "results.csv"
+        if old_csv.exists() and old_csv.resolve() != (save_dir / "results.csv").resolve():
+            save_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(old_csv, save_dir / "results.csv")  # one continuous log across the resume
+    elif isinstance(model, nn.Module):
+        module = model
+        _check_classes(module, data_yaml)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        overrides["model"] = str(getattr(module, "yaml_file", "") or "module")
+    else:
+        if str(model).endswith(".pt"):
+            raise UserError(f"fit() takes a loaded module or a model YAML, not {model}; load it with pipeline.models")
+        overrides["model"] = str(model)
+
+    try:
+        trainer = PipelineTrainer(overrides=overrides)
+    except FileNotFoundError as exc:
+        raise UserError(f"cannot resume from {model}: {exc}") from None
+    if module is not None:
+        trainer.model = module  # setup_model keeps a ready module; DDP workers receive it pickled
+    if sparsity != "none":
+        trainer.add_callback("on_pretrain_routine_end", _SparsityHook(sparsity, float(sparsity_weight)))
+        log.info("sparsity regularisation: %s x %g", sparsity, sparsity_weight)
+    trainer.add_callback("on_train_batch_end", _stop_on_nonfinite)
+    try:
+        trainer.train()
+    except AssertionError as exc:  # Ultralytics asserts when a resumed run has nothing left to train
+        if "nothing to resume" in str(exc):
+            raise UserError(f"cannot resume from {model}: {str(exc).splitlines()[0]}") from None
+        raise
+    finally:
+        if isinstance(trainer.model, nn.Module):
+            _unwrap_criterion(unwrap_model(trainer.model))
+
+    best = trainer.best if trainer.best.exists() else trainer.last
+    if not best.exists():
+        raise RuntimeError(f"training finished without writing a checkpoint in {trainer.wdir}")
+    eval_device = str(trainer.args.device or "cpu").split(",")[0]
+    metrics = evaluate(
+        best, data_yaml, split="val", imgsz=trainer.args.imgsz, batch=int(trainer.args.batch),
+        device=eval_device, save_dir=save_dir, plots=bool(trainer.args.plots),
+    )
+    metrics.pop("plots", None)
+    return FitResult(best=best, last=trainer.last, metrics=metrics, epochs=epochs_in_log(save_dir / "results.csv"))
+
+
+def epochs_in_log(results_csv: Path) -> int:
+    """Epochs completed according to Ultralytics' results.csv (its last `epoch` value)."""
+    if not results_csv.exists():
+        return 0
+    with open(results_csv, newline="", encoding="utf-8") as f:
+        rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
+    return int(float(rows[-1]["epoch"])) if rows else 0
+
+
+def _check_classes(module: nn.Module, data_yaml: str | Path) -> None:
+    data = yaml.safe_load(Path(data_yaml).read_text(encoding="utf-8")) or {}
+    n_data = len(data.get("names") or [])
+    head = module.model[-1] if hasattr(module, "model") else None
+    n_model = getattr(head, "nc", None) or getattr(module, "nc", None)
+    if n_model is not None and n_data and int(n_model) != n_data:
+        raise UserError(
+            f"the model predicts {n_model} classes but the dataset {data_yaml} has {n_data}; "
+            "train a model built for this dataset (its head has one output per class)"
+        )
