@@ -67,9 +67,9 @@ def evaluate(
     if ap_mode not in AP_MODES:
         raise UserError(f"ap_mode={ap_mode!r} is not valid; choose one of: {', '.join(AP_MODES)}")
     data = _read_data_yaml(data_yaml)
-    if not data.get(split):
-        have = [s for s in ("train", "val", "test") if data.get(s)]
-        raise UserError(f"split={split} is not in the dataset {data_yaml} (it has: {', '.join(have)}); choose one of those")
+    if split not in available_splits(data_yaml):
+        have = ", ".join(available_splits(data_yaml))
+        raise UserError(f"split={split} is not in the dataset {data_yaml} (it has: {have}); choose one of those")
     if not isinstance(model, nn.Module):
         model = Path(model)
         if not model.exists():
@@ -154,7 +154,8 @@ def summarize(stats: dict[str, np.ndarray], names: dict[int, str] | list[str], a
 
 def average_precision(hits: np.ndarray, n_gt: int, mode: str = "coco") -> np.ndarray:
     """AP per IoU column of one class; `hits` (N, K) are the detections' correctness, highest confidence first."""
-    hits = np.asarray(hits, dtype=bool).reshape(len(hits), -1)
+    hits = np.asarray(hits, dtype=bool)
+    hits = hits.reshape(len(hits), -1) if hits.ndim != 2 else hits
     k = hits.shape[1]
     if n_gt <= 0 or len(hits) == 0:
         return np.zeros(k)
@@ -238,6 +239,12 @@ def _imgsz_from(args: Any) -> int | list[int] | None:
         value = [int(v) for v in value]
         return value[0] if len(set(value)) == 1 else value
     return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def available_splits(data_yaml: str | Path) -> list[str]:
+    """The splits (train, val, test) a data.yaml names."""
+    data = _read_data_yaml(data_yaml)
+    return [s for s in ("train", "val", "test") if data.get(s)]
 
 
 def _read_data_yaml(data_yaml: str | Path) -> dict[str, Any]:
