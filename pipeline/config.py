@@ -150,8 +150,11 @@ class ExportConfig:
     half: bool = False  # FP16 weights
     simplify: bool = True  # onnxslim graph simplification
     nms: bool = False  # put NMS inside the graph (standard ONNX NonMaxSuppression)
+    nms_conf: float = 0.25  # with nms: confidence threshold baked into the graph
+    nms_iou: float = 0.7  # with nms: IoU threshold baked into the graph
     evaluate: bool = True  # mAP of the ONNX model on the validation split
     latency_runs: int = 50  # batch-1 CPU timing runs (after warm-up)
+    threads: int = 2  # CPU threads for the latency measurement (ONNX Runtime)
 
 
 @dataclass
@@ -259,7 +262,17 @@ _RANGES: dict[str, tuple[float, float]] = {
     "infer.iou": (0.0, 1.0),
     "infer.batch": (1, 4096),
     "engine.threads": (1, 1024),
+    "engine.calib_images": (1, 1000000),
+    "engine.calib_batch": (1, 4096),
+    "engine.min_batch": (1, 4096),
+    "engine.workspace_gb": (0.0, 1024.0),
+    "engine.latency_runs": (1, 1000000),
     "export.opset": (11, 23),
+    "export.batch": (1, 4096),
+    "export.nms_conf": (0.0, 1.0),
+    "export.nms_iou": (0.0, 1.0),
+    "export.latency_runs": (1, 1000000),
+    "export.threads": (1, 1024),
 }
 
 MODEL_NAMES = tuple(f"{fam}{s}" for fam in ("yolov8", "yolo11") for s in "nsmlx")
