@@ -293,7 +293,7 @@ def tao_spec(anchors: np.ndarray) -> str:
     small, mid, big = scale_groups(anchors)
 
     def shape(group: np.ndarray) -> str:
-        return '"[' + ", ".join(f"({w:.2f}, {h:.2f})" for w, h in group) + ']"'
+        return '"[' + ", ".join(f"({w:.1f}, {h:.1f})" for w, h in group) + ']"'
 
     return (
         "yolov4_config {\n"

@@ -65,6 +65,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
             f"consider train.imgsz={recommended}"
         )
     anchors = np.round(fit.anchors, 1)
+    anchors = anchors[np.argsort(anchors.prod(1), kind="stable")]  # rounding may swap near-equal areas
     metrics: dict[str, Any] = {
         "k": k,
         "anchors": anchors.tolist(),
