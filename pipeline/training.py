@@ -134,7 +134,7 @@ def _stop_on_nonfinite(trainer: DetectionTrainer) -> None:
     if loss is not None and not bool(torch.isfinite(loss)):
         items = {k: round(float(v), 4) for k, v in (trainer.loss_items or {}).items()}
         raise UserError(
-            f"training diverged: the loss became {float(loss)} in epoch {trainer.epoch + 1} (loss terms {items}); "
+            f"training diverged: the loss became {float(loss.detach())} in epoch {trainer.epoch + 1} (loss terms {items}); "
             f"lower lr0 (now {trainer.args.lr0}) or sparsity_weight, or check the labels"
         )
 
@@ -167,11 +167,10 @@ def fit(
     device = str(overrides.get("device", "cpu"))
     if device == "cpu":
         overrides["amp"] = False  # Ultralytics' AMP check downloads a model; AMP does nothing on CPU anyway
-    overrides.update(
-        data=str(data_yaml), task="detect", mode="train",
-        save_dir=str(save_dir), project=str(save_dir.parent), name=save_dir.name, exist_ok=True,
-    )
+    overrides.update(data=str(data_yaml), task="detect", mode="train", save_dir=str(save_dir))
     module = None
+    if not overrides.get("resume"):  # on resume these come from the checkpoint; save_dir still wins
+        overrides.update(project=str(save_dir.parent), name=save_dir.name, exist_ok=True)
     if overrides.get("resume"):
         last = Path(model)
         if not last.is_file():

@@ -1,0 +1,207 @@
+"""Training: the sparsity term, modules trained as is, freeze, resume, divergence, stage=train via the CLI."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.models import build_model, load_model
+from pipeline.training import FitResult, PipelineTrainer, SparsityLoss, fit, sparsity_params
+
+TINY = {"epochs": 2, "imgsz": 64, "batch": 8, "workers": 0, "device": "cpu", "seed": 0, "plots": False,
+        "mosaic": 0.0, "close_mosaic": 0}
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# -- the sparsity term on a toy model ----------------------------------------------------------------
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        nn.init.uniform_(self.bn.weight, 0.5, 1.5)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3))
+
+
+def _fit_toy(kind: str | None, steps: int = 60) -> _Toy:
+    """Regress a fixed target; with `kind`, through SparsityLoss. Returns the trained toy."""
+    toy = _Toy()
+    torch.manual_seed(1)
+    x, target = torch.randn(8, 3, 6, 6), torch.randn(8, 8)
+
+    def criterion(pred, batch):
+        loss = ((pred - batch["target"]) ** 2).mean()
+        return loss.reshape(1) * batch["img"].shape[0], {"mse": loss.detach()}
+
+    loss_fn = SparsityLoss(criterion, [p for _, p in sparsity_params(toy, kind)], 0.05) if kind else criterion
+    opt = torch.optim.SGD(toy.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, _ = loss_fn(toy(x), {"img": x, "target": target})
+        loss.sum().backward()
+        opt.step()
+    return toy
+
+
+def test_sparsity_term_adds_weight_times_l1_per_image():
+    toy = _Toy()
+    x = torch.randn(4, 3, 6, 6)
+    base = lambda pred, batch: (pred.sum().reshape(1) * 0 + torch.tensor([1.0, 2.0]), {"a": torch.tensor(1.0)})  # noqa: E731
+    wrapped = SparsityLoss(base, [toy.conv.weight], 0.01)
+    loss, items = wrapped(toy(x), {"img": x})
+    l1 = toy.conv.weight.abs().sum().item()
+    assert loss.shape == (3,)
+    assert loss[-1].item() == pytest.approx(4 * 0.01 * l1, rel=1e-5)  # per image: x batch size
+    assert items["sparsity"].item() == pytest.approx(0.01 * l1, rel=1e-5)
+    assert set(items) == {"a", "sparsity"}
+
+
+@pytest.mark.parametrize("kind,module", [("l1", "conv"), ("bn", "bn")])
+def test_sparsity_drives_the_chosen_weights_down(kind, module):
+    plain, sparse = _fit_toy(None), _fit_toy(kind)
+    w_plain = getattr(plain, module).weight.abs().sum().item()
+    w_sparse = getattr(sparse, module).weight.abs().sum().item()
+    assert w_sparse < 0.9 * w_plain
+    other = "bn" if module == "conv" else "conv"  # the other kind is left to the data term
+    assert getattr(sparse, other).weight.abs().sum().item() == pytest.approx(
+        getattr(plain, other).weight.abs().sum().item(), rel=0.1)
+
+
+def test_sparsity_params_choose_conv_kernels_or_bn_gammas():
+    model = build_model("yolov8n", nc=2)
+    convs, bns = sparsity_params(model, "l1"), sparsity_params(model, "bn")
+    assert convs and all(p.ndim == 4 for _, p in convs)
+    assert bns and all(p.ndim == 1 for _, p in bns)
+    assert not any(".dfl." in n for n, _ in convs)  # DFL's fixed conv is frozen, not regularised
+
+
+# -- fit() through Ultralytics' trainer on tiny data ---------------------------------------------------
+
+def test_fit_trains_the_given_module_with_freeze_and_sparsity(tiny_data_yaml, tmp_path):
+    torch.manual_seed(0)
+    model = build_model("yolov8n", nc=2)
+    model.names = {0: "red", 1: "blue"}
+    model.pruned_marker = "kept"  # a rebuilt-from-YAML model would not carry this
+    before = copy.deepcopy(model.state_dict())
+    l1 = sum(p.abs().sum().item() for _, p in sparsity_params(model, "l1", trainable_only=False)
+             if not _frozen(_name(model, p), 2))
+
+    result = fit(model, tiny_data_yaml, tmp_path / "run", {**TINY, "freeze": 2}, sparsity="l1",
+                 sparsity_weight=1e-4)
+
+    assert isinstance(result, FitResult) and result.epochs == 2
+    assert result.best.is_file() and result.last.is_file()
+    assert result.best.parent == tmp_path / "run" / "weights"  # written exactly there, not ./runs
+    assert {"mAP50", "mAP50_95", "precision", "recall", "per_class"} <= set(result.metrics)
+    rows = _csv(tmp_path / "run" / "results.csv")
+    assert len(rows) == 2 and "train/sparsity" in rows[0]
+    assert float(rows[0]["train/sparsity"]) == pytest.approx(1e-4 * l1, rel=0.05)
+
+    after = model.state_dict()  # the given module was trained in place
+    for k, v in before.items():
+        if not v.is_floating_point() or "dfl" in k:
+            continue
+        if _frozen(k, 2):
+            assert torch.equal(after[k], v), f"frozen {k} changed"
+    changed = [k for k, v in before.items() if k.startswith("model.5.") and v.is_floating_point()
+               and not torch.equal(after[k], v)]
+    assert changed, "unfrozen layers did not train"
+    assert getattr(model, "criterion", None) is None or not isinstance(model.criterion, SparsityLoss)
+
+    saved = load_model(result.last)
+    assert getattr(saved, "pruned_marker", None) == "kept"  # the module itself, not a YAML rebuild
+    frozen_w = saved.model[0].conv.weight
+    assert torch.allclose(frozen_w, before["model.0.conv.weight"], rtol=1e-3, atol=1e-4)  # fp16 checkpoint
+
+
+def _frozen(key: str, n: int) -> bool:
+    return any(key.startswith(f"model.{i}.") for i in range(n))
+
+
+def _name(model: nn.Module, param: nn.Parameter) -> str:
+    return next(n for n, p in model.named_parameters() if p is param)
+
+
+def test_fit_resumes_an_interrupted_run(tiny_data_yaml, tmp_path, monkeypatch):
+    original = PipelineTrainer.save_model
+
+    def save_then_interrupt(self):
+        saved = original(self)
+        if self.epoch == 0:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(PipelineTrainer, "save_model", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model("yolov8n", nc=2), tiny_data_yaml, tmp_path / "first", {**TINY, "epochs": 3})
+    last = tmp_path / "first" / "weights" / "last.pt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+    monkeypatch.setattr(PipelineTrainer, "save_model", original)
+
+    result = fit(last, tiny_data_yaml, tmp_path / "second", {**TINY, "epochs": 3, "resume": True})
+    assert result.best.parent == tmp_path / "second" / "weights"
+    rows = _csv(tmp_path / "second" / "results.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]  # epoch 1 from the first run, 2-3 resumed
+    assert result.epochs == 3
+    with pytest.raises(UserError, match="resume"):
+        fit(result.last, tiny_data_yaml, tmp_path / "third", {**TINY, "epochs": 3, "resume": True})
+
+
+def test_nonfinite_loss_stops_with_a_message(tiny_data_yaml, tmp_path):
+    with pytest.raises(UserError, match="diverged"):
+        fit(build_model("yolov8n", nc=2), tiny_data_yaml, tmp_path / "nan", TINY, sparsity="l1",
+            sparsity_weight=float("inf"))
+
+
+def test_fit_refuses_a_head_for_other_classes(tiny_data_yaml, tmp_path):
+    with pytest.raises(UserError, match="3 classes"):
+        fit(build_model("yolov8n", nc=3), tiny_data_yaml, tmp_path / "x", TINY)
+
+
+# -- stage=train / stage=evaluate through the CLI ----------------------------------------------------
+
+def test_missing_weights_file_exits_2(results_dir):
+    from conftest import run_cli
+
+    out = run_cli("stage=train", "experiment=smoke", f"results_dir={results_dir}", "model.weights=/nowhere/yolov8n.pt")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "model.weights=/nowhere/yolov8n.pt does not exist" in out.stderr
+    assert "pretrained weights need the internet or a local file" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_smoke_train_then_evaluate_cli(results_dir):
+    from conftest import run_cli
+
+    common = ("experiment=smoke", f"results_dir={results_dir}")
+    train = run_cli("stage=train", *common)
+    assert train.returncode == 0, train.stderr[-3000:]
+    evaluate = run_cli("stage=evaluate", *common, "evaluate.ap_mode=voc11")
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    runs = json.loads((results_dir / "manifest.json").read_text())["runs"]
+    assert [r["stage"] for r in runs] == ["train", "evaluate"]
+    assert all(r["status"] == "succeeded" for r in runs)
+    for r in runs:
+        assert {"mAP50", "mAP50_95", "params", "gflops", "size_mb", "per_class"} <= set(r["metrics"])
+    roles = {o["role"] for o in runs[0]["outputs"]}
+    assert roles == {"model", "last", "log", "curves"}
+    assert runs[0]["metrics"]["epochs"] == 2
+    assert "ap50_voc" in runs[1]["metrics"]
+    assert runs[1]["inputs"][0]["produced_by"] == runs[0]["run_id"]
+    missing = run_cli("stage=evaluate", *common, "evaluate.split=test")
+    assert missing.returncode == 2 and "evaluate.split=test" in missing.stderr
