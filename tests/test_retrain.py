@@ -1,0 +1,122 @@
+"""Retrain stage and QAT: the pruned architecture survives, QAT models hold quantisers and export QDQ."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import pytest
+import torch
+
+from pipeline import qat
+from pipeline.context import StageContext
+from pipeline.manifest import SUCCEEDED, Manifest
+from pipeline.models import build_model, count_params, load_model, save_checkpoint
+from stages.retrain import COLLAPSE_RATIO, _collapse_guard, unpruned_map
+
+
+def _qdq_nodes(onnx_path) -> int:
+    return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path)).graph.node)
+
+
+def _export_onnx(pt_path, imgsz: int = 64):
+    from ultralytics import YOLO
+
+    return YOLO(str(pt_path)).export(format="onnx", imgsz=imgsz, simplify=False)
+
+
+@pytest.fixture(scope="module")
+def qat_checkpoint(tiny_data_yaml, tmp_path_factory):
+    """An untrained yolov8n, fake-quantised with ranges calibrated on 2 real batches, saved."""
+    model = build_model("yolov8n", nc=2)
+    model.names = {0: "red", 1: "blue"}
+    calib = qat.calibration_batches(tiny_data_yaml, imgsz=64, batch=4, batches=2)
+    quantised = qat.prepare(model, calib, "cpu")
+    return quantised, qat.save(quantised, tmp_path_factory.mktemp("qat") / "qat.pt")
+
+
+def test_calibration_batches_are_real_seeded_images(tiny_data_yaml):
+    a = qat.calibration_batches(tiny_data_yaml, imgsz=64, batch=4, batches=3, seed=1)
+    b = qat.calibration_batches(tiny_data_yaml, imgsz=64, batch=4, batches=3, seed=1)
+    c = qat.calibration_batches(tiny_data_yaml, imgsz=64, batch=4, batches=3, seed=2)
+    assert [t.shape for t in a] == [(4, 3, 64, 64)] * 3
+    assert all(0.0 <= float(t.min()) and float(t.max()) <= 1.0 and float(t.std()) > 0.01 for t in a)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert any((x != y).any() for x, y in zip(a, c, strict=True))
+
+
+def test_prepare_quantises_int8_per_channel_weights_and_keeps_head_outputs_float(qat_checkpoint):
+    quantised, _ = qat_checkpoint
+    counts = qat.quantiser_counts(quantised)
+    assert counts["enabled"] > 50 and qat.is_quantised(quantised)
+    head = f"model.{len(quantised.model) - 1}."
+    seen_output_conv = False
+    for name, layer in quantised.named_modules():
+        if not isinstance(layer, torch.nn.Conv2d):
+            continue
+        in_head_output = name.startswith(head) and (not name.endswith(".conv") or ".dfl." in name)
+        seen_output_conv |= in_head_output
+        for kind, axis in (("weight_quantizer", 0), ("input_quantizer", None)):  # per-channel / per-tensor
+            q = getattr(layer, kind)
+            assert q.is_enabled != in_head_output, f"{name}.{kind}"
+            if q.is_enabled:
+                assert q.num_bits == 8 and q.axis == axis, f"{name}.{kind}"
+                assert q.amax is not None and float(q.amax.max()) > 0, f"{name}.{kind}"
+    assert seen_output_conv
+
+
+def test_qat_checkpoint_round_trip_and_onnx_qdq(qat_checkpoint, tmp_path):
+    quantised, path = qat_checkpoint
+    assert qat.checkpoint_is_qat(path)
+    restored = qat.load(path)
+    assert qat.quantiser_counts(restored) == qat.quantiser_counts(quantised)
+    # The float view (size figures) has the same parameters and no quantisers.
+    plain = load_model(path)
+    assert not qat.is_quantised(plain) and count_params(plain) == count_params(restored)
+    assert _qdq_nodes(_export_onnx(path)) > 50
+
+
+def test_float_model_exports_no_qdq(tiny_model_pt, tmp_path):
+    assert not qat.checkpoint_is_qat(tiny_model_pt)
+    assert not qat.is_quantised(qat.load(tiny_model_pt))
+    copy = save_checkpoint(load_model(tiny_model_pt), tmp_path / "float.pt")
+    assert _qdq_nodes(_export_onnx(copy)) == 0
+
+
+def test_settings_for_manifest():
+    assert qat.settings(8) == {"quant_bits": 8, "quant_weights": "per_channel", "quant_activations": "per_tensor",
+                               "quant_calib_batches": 8}
+
+
+# -- lineage and the mAP collapse guard ---------------------------------------------------------
+
+def _record(run_id: str, stage: str, metrics: dict, produced_by: str | None = None) -> dict:
+    inputs = [{"role": "model", "path": f"x/{run_id}.pt", "sha256": "0" * 64, "bytes": 1}]
+    if produced_by:
+        inputs[0]["produced_by"] = produced_by
+    return {"run_id": run_id, "stage": stage, "status": SUCCEEDED, "inputs": inputs if produced_by else [],
+            "outputs": [], "metrics": metrics}
+
+
+def _ctx(tmp_path, input_produced_by: str | None) -> StageContext:
+    manifest = Manifest(tmp_path)
+    manifest.add(_record("train-1", "train", {"mAP50_95": 0.6}))
+    manifest.add(_record("prune-1", "prune", {"mAP50_95": 0.01}, produced_by="train-1"))
+    entry = {"role": "model", "path": "prune/m.pt", "sha256": "0" * 64, "bytes": 1}
+    if input_produced_by:
+        entry["produced_by"] = input_produced_by
+    return StageContext(cfg=None, stage="retrain", run_id="retrain-1", run_dir=tmp_path, manifest=manifest,
+                        log=logging.getLogger("test"), inputs=[entry])
+
+
+def test_unpruned_map_walks_prune_to_train(tmp_path):
+    assert unpruned_map(_ctx(tmp_path, "prune-1")) == (0.6, "train-1")
+    assert unpruned_map(_ctx(tmp_path / "b", None)) is None  # an outside model has no lineage
+
+
+def test_collapse_guard_warns_below_half_with_both_numbers(tmp_path):
+    ctx = _ctx(tmp_path, "prune-1")
+    _collapse_guard(ctx, 0.6 * COLLAPSE_RATIO + 0.01)
+    assert ctx.warnings == []
+    _collapse_guard(ctx, 0.05)
+    assert len(ctx.warnings) == 1 and "0.0500" in ctx.warnings[0] and "0.6000" in ctx.warnings[0]
