@@ -197,20 +197,24 @@ class _Medians:
         return out
 
 
-def kmedians(boxes: np.ndarray, k: int, seed: int = 0, max_steps: int = 10000) -> AnchorFit:
+def kmedians(boxes: np.ndarray, k: int, seed: int = 0, max_steps: int = 10000,
+             init: np.ndarray | None = None) -> AnchorFit:
     """Cluster (w, h) boxes into k anchors with distance 1 - IoU and median centres (TAO's kmeans).
 
     Seeded k-means++ start; a cluster left empty takes the box that currently fits its own
     anchor worst (one box per empty cluster, never one whose cluster it would empty). Stops when
     the assignment no longer changes or after `max_steps` iterations. Anchors come back sorted
-    by area, ascending. Raises ValueError when k exceeds the number of distinct boxes.
+    by area, ascending. `init` (k, 2) starts from given centres instead (e.g. anchors to refine).
+    Raises ValueError when k exceeds the number of distinct boxes.
     """
     boxes = np.asarray(boxes, dtype=np.float64)
     distinct = distinct_boxes(boxes)
     if k < 1 or k > distinct:
         raise ValueError(f"k={k} needs at least k distinct boxes; there are {distinct}")
-    rng = np.random.default_rng(seed)
-    centres = _init_centres(boxes, k, rng)
+    if init is None:
+        centres = _init_centres(boxes, k, np.random.default_rng(seed))
+    else:
+        centres = np.array(init, dtype=np.float64).reshape(k, 2)
     w, h = np.ascontiguousarray(boxes[:, 0]), np.ascontiguousarray(boxes[:, 1])
     area = w * h
     medians = _Medians(boxes, k)
