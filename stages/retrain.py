@@ -14,6 +14,8 @@ unpruned model's (found through the manifest lineage); a collapse below half is 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,14 @@ from omegaconf import DictConfig
 
 from pipeline import qat
 from pipeline.context import StageContext, StageResult
-from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.models import count_params, load_model, model_figures
+from stages.train import plot_curves, train_device
 
-# Ultralytics train arguments that retrain.* passes through unchanged.
+# retrain.* keys passed to Ultralytics' trainer unchanged.
 _PASSTHROUGH = ("epochs", "imgsz", "batch", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
-                "warmup_epochs", "patience", "workers", "deterministic", "freeze", "mosaic", "close_mosaic",
-                "cache", "plots")
+                "warmup_epochs", "patience", "workers", "deterministic", "mosaic", "close_mosaic", "cache",
+                "plots")
 COLLAPSE_RATIO = 0.5  # retrained mAP50-95 below this fraction of the unpruned one is a collapse
 
 
@@ -43,73 +45,68 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     if do_qat:
         qat.require_modelopt()
         if rc.epochs == 0 and rc.qat_epochs > 0:
-            ctx.warn("retrain.epochs=0: QAT starts from the freshly pruned model, whose quantiser ranges are "
+            ctx.warn("retrain.epochs=0: QAT starts from the freshly pruned model, so the quantiser ranges are "
                      "calibrated on a model that does not detect yet; this is known to collapse to mAP 0 "
-                     "(recipes.md). Give retrain.epochs > 0 for float recovery first.")
-
-    data = ctx.dataset()
-    device = resolve_device(rc.device) if str(rc.device) != "auto" else ctx.device
+                     "(recipes.md). Set retrain.epochs > 0 for float recovery first.")
     src = ctx.input_path("model")
-    model = load_model(src)
-    if qat.is_quantised(model) or qat.checkpoint_is_qat(src):
-        raise UserError(f"retrain.input={src} is already a QAT model; retrain a pruned float model "
+    if qat.checkpoint_is_qat(src):
+        raise UserError(f"retrain.input={src} is already a QAT model; retrain the pruned float model "
                         "(the prune stage's output)")
+    data = ctx.dataset()
+    try:
+        device = train_device(rc.device, ctx.device)
+    except UserError as exc:  # the check is train's; name this stage's key
+        raise UserError(str(exc).replace("train.device", "retrain.device", 1)) from None
+    imgsz, batch = int(rc.imgsz), int(rc.batch)
+    model = load_model(src)
     pruned_params = count_params(model)
-    imgsz = int(rc.imgsz)
 
-    def measure(path: Path) -> dict[str, Any]:
-        return evaluate(path, data.data_yaml, imgsz=imgsz, batch=int(rc.batch), device=device)
-
-    after_load = measure(src)
-    ctx.log.info("mAP50-95 right after loading the pruned model: %.4f (%d params)",
-                 after_load["mAP50_95"], pruned_params)
-    args = {k: rc[k] for k in _PASSTHROUGH} | {"device": device, "seed": int(cfg.seed)}
+    after_load = evaluate(src, data.data_yaml, imgsz=imgsz, batch=batch, device=device.split(",")[0])
+    ctx.log.info("pruned model right after loading: mAP50-95 %.4f, %d params", after_load["mAP50_95"], pruned_params)
+    metrics: dict[str, Any] = {"mAP50_after_load": after_load["mAP50"], "mAP50_95_after_load": after_load["mAP50_95"]}
+    args = {k: rc[k] for k in _PASSTHROUGH} | {"device": device, "seed": int(cfg.seed), "freeze": int(rc.freeze) or None}
     outputs: list[tuple[str, Path]] = []
-    metrics: dict[str, Any] = {"mAP50_95_after_load": after_load["mAP50_95"], "mAP50_after_load": after_load["mAP50"]}
 
-    # Phase 1: float recovery, on the pruned module itself.
+    # Phase 1: float recovery of the pruned module itself (fit never rebuilds it from a YAML).
     if rc.epochs > 0:
         result = fit(model, data.data_yaml, ctx.run_dir / "float", args, sparsity=str(rc.sparsity),
                      sparsity_weight=float(rc.sparsity_weight), log=ctx.log)
-        float_path = result.best
-        outputs += _curves(ctx.run_dir / "float", "float")
-        float_metrics = measure(float_path)
+        float_path = _move(result.best, ctx.run_dir / "float.pt")
+        outputs += _logs(ctx.run_dir / "float", "float")
+        final_path, final = float_path, result.metrics
     else:
-        float_path, float_metrics = src, after_load
-    metrics |= {"mAP50_95_float": float_metrics["mAP50_95"], "mAP50_float": float_metrics["mAP50"],
-                "epochs": int(rc.epochs)}
-    outputs.append(("float_model", float_path))
-    final_path, final_metrics = float_path, float_metrics
+        float_path, final_path, final = src, src, after_load
+    metrics |= {"mAP50_float": final["mAP50"], "mAP50_95_float": final["mAP50_95"], "epochs": int(rc.epochs)}
 
-    # Phase 2: QAT, calibrated on the recovered model.
+    # Phase 2: QAT, with quantiser ranges calibrated on the recovered model.
     if do_qat:
         recovered = load_model(float_path)
-        calib = qat.calibration_batches(data.data_yaml, imgsz, int(rc.batch), int(rc.calib_batches),
-                                        seed=int(cfg.seed), stride=_stride(recovered))
-        quantised = qat.prepare(recovered, calib, device)
+        calib = qat.calibration_batches(data.data_yaml, imgsz, batch, int(rc.calib_batches), seed=int(cfg.seed),
+                                        stride=_stride(recovered))
+        quantised = qat.prepare(recovered, calib, device.split(",")[0])
         if rc.qat_epochs > 0:
             qat_args = {**args, "epochs": int(rc.qat_epochs), "lr0": float(rc.qat_lr0), "optimizer": "SGD",
                         "warmup_epochs": 0.0}
-            result = fit(quantised, data.data_yaml, ctx.run_dir / "qat", qat_args, sparsity="none",
-                         sparsity_weight=0.0, log=ctx.log)
-            final_path = result.best
-            outputs += _curves(ctx.run_dir / "qat", "qat")
-        else:  # calibration only: post-training fake-quantisation, no fine-tuning
-            final_path = qat.save(quantised, ctx.run_dir / "qat_calibrated.pt")
+            result = fit(quantised, data.data_yaml, ctx.run_dir / "qat", qat_args, log=ctx.log)
+            final_path, final = _move(result.best, ctx.run_dir / "model.pt"), result.metrics
+            outputs += _logs(ctx.run_dir / "qat", "qat")
+        else:  # calibration only: post-training fake-quantisation without fine-tuning
+            final_path = qat.save(quantised, ctx.run_dir / "model.pt")
+            final = evaluate(final_path, data.data_yaml, imgsz=imgsz, batch=batch, device=device.split(",")[0])
         if not qat.checkpoint_is_qat(final_path):
             raise RuntimeError(f"{final_path} holds no quantisation state after QAT")
-        final_metrics = measure(final_path)
         metrics |= {"qat_epochs": int(rc.qat_epochs), **qat.settings(int(rc.calib_batches))}
+        if float_path != src:
+            outputs.insert(0, ("float_model", float_path))
     metrics["qat"] = do_qat
 
-    # Size figures of the float structure: thop does not count ModelOpt's quantised layers.
-    final_float = load_model(final_path)
-    figures = model_figures(final_float, imgsz, final_path)
+    # Size figures from the float view: thop does not count ModelOpt's quantised layers.
+    figures = model_figures(load_model(final_path), imgsz, final_path)
     if figures["params"] != pruned_params:
         raise RuntimeError(f"retraining changed the architecture: {pruned_params} params after prune, "
                            f"{figures['params']} after retrain")
-    metrics |= {"mAP50": final_metrics["mAP50"], "mAP50_95": final_metrics["mAP50_95"], **figures}
-    _collapse_guard(ctx, final_metrics["mAP50_95"])
+    metrics |= {"mAP50": final["mAP50"], "mAP50_95": final["mAP50_95"], **figures}
+    _collapse_guard(ctx, float(final["mAP50_95"]))
     outputs.insert(0, ("model", final_path))
     return StageResult(outputs=outputs, metrics=metrics)
 
@@ -118,9 +115,23 @@ def _stride(model: Any) -> int:
     return max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
 
 
-def _curves(save_dir: Path, phase: str) -> list[tuple[str, Path]]:
-    """Training curves Ultralytics wrote for a phase (results.csv, results.png when plotted)."""
-    return [(f"{phase}_{f.stem}", f) for f in (save_dir / "results.csv", save_dir / "results.png") if f.exists()]
+def _move(src: Path, dst: Path) -> Path:
+    """A phase's best checkpoint moves up to the run dir, where the manifest points; last.pt goes.
+
+    Nothing reads a phase's last.pt (retrain has no resume), and an unrecorded 2nd copy of every
+    model in the results dir would only grow it.
+    """
+    os.replace(src, dst)
+    shutil.rmtree(src.parent)
+    return dst
+
+
+def _logs(save_dir: Path, phase: str) -> list[tuple[str, Path]]:
+    """A phase's results.csv and its loss/mAP curves (drawn from the CSV, so plots=false has them too)."""
+    csv = save_dir / "results.csv"
+    if not csv.exists():
+        return []
+    return [(f"{phase}_log", csv), (f"{phase}_curves", plot_curves(csv, save_dir / "curves.png"))]
 
 
 def unpruned_map(ctx: StageContext) -> tuple[float, str] | None:
