@@ -1,0 +1,240 @@
+"""What every deployment backend shares: ONNX metadata, real images (letterboxed), timing, CPU facts.
+
+Images for parity checks and INT8 calibration always come from real files (a dataset split or
+`engine.calib_dir`), never from random data. They are letterboxed exactly as Ultralytics' predictor
+does (aspect kept, grey 114 padding, centred), RGB, CHW, scaled to 0..1.
+"""
+
+from __future__ import annotations
+
+import ast
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# Ultralytics writes ONNX metadata values with str(); these keys hold Python literals.
+_LITERAL_KEYS = ("stride", "batch", "imgsz", "names", "args", "channels", "end2end", "kpt_shape")
+_LAYER = re.compile(r"/model\.(\d+)/")
+
+
+# -- ONNX facts ------------------------------------------------------------------------------
+def onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """Ultralytics' metadata of an exported ONNX (names, imgsz, stride, batch, args, ...), parsed."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meta: dict[str, Any] = {}
+    for prop in model.metadata_props:
+        value: Any = prop.value
+        if prop.key in _LITERAL_KEYS:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+        meta[prop.key] = value
+    return meta
+
+
+def qdq_nodes(model: Any) -> int:
+    """Number of QuantizeLinear + DequantizeLinear nodes (a QAT export has them, a float one has none)."""
+    return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def model_imgsz(meta: dict[str, Any], path: Path) -> tuple[int, int]:
+    """(height, width) the model was exported for, from its metadata."""
+    imgsz = meta.get("imgsz")
+    if isinstance(imgsz, int):
+        return imgsz, imgsz
+    if isinstance(imgsz, (list, tuple)) and len(imgsz) == 2:
+        return int(imgsz[0]), int(imgsz[1])
+    raise UserError(f"{path} carries no input size in its metadata; export it with stage=export")
+
+
+def decode_layer(names: Iterable[str]) -> int | None:
+    """Index of the model's last layer (the Detect head) from node names like '/model.22/...'."""
+    found = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
+    return max(found) if found else None
+
+
+def keep_float(name: str, head: int | None) -> bool:
+    """Whether a node belongs to the Detect decode that INT8 must not touch.
+
+    The head's output tensor concatenates boxes in pixels with class scores in 0..1; one INT8
+    scale for both rounds every score to zero (measured mAP50-95 0.000). Quantised: every layer
+    before the head and the head's own cv2/cv3 convolution branches. Float: the rest of the head
+    (DFL, anchor decode, sigmoid, concat) and anything after it (an embedded NMS).
+    """
+    m = _LAYER.search(name)
+    if m is None:
+        return True
+    layer = int(m.group(1))
+    if head is None or layer < head:
+        return False
+    return re.search(rf"/model\.{layer}/cv[23]\.", name) is None
+
+
+# -- images ----------------------------------------------------------------------------------
+def folder_images(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursive), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def split_images(data_yaml: str | Path, split: str) -> list[Path]:
+    """Image files of a split of an Ultralytics data.yaml (folders or .txt lists)."""
+    import yaml
+
+    data_yaml = Path(data_yaml)
+    data = yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}
+    root = Path(data.get("path") or data_yaml.parent)
+    if not root.is_absolute():
+        root = data_yaml.parent / root
+    entries = data.get(split)
+    if not entries:
+        raise UserError(f"{data_yaml} has no '{split}' split")
+    images: list[Path] = []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        p = Path(entry) if Path(entry).is_absolute() else root / entry
+        if p.is_dir():
+            images += folder_images(p)
+        elif p.suffix == ".txt" and p.is_file():
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    q = Path(line.strip())
+                    images.append(q if q.is_absolute() else root / q)
+    return images
+
+
+def pick(paths: list[Path], n: int, seed: int = 0) -> list[Path]:
+    """A seeded sample of n paths (all of them when there are fewer), in a stable order."""
+    if len(paths) <= n:
+        return list(paths)
+    idx = np.random.default_rng(seed).choice(len(paths), size=n, replace=False)
+    return [paths[i] for i in sorted(idx)]
+
+
+def letterbox(path: Path, imgsz: tuple[int, int]) -> np.ndarray | None:
+    """One image as float32 CHW RGB in 0..1, letterboxed to imgsz; None if unreadable."""
+    import cv2
+    from ultralytics.data.augment import LetterBox
+
+    img = cv2.imread(str(path))
+    if img is None:
+        return None
+    img = LetterBox(new_shape=imgsz, auto=False)(image=img)
+    return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def load_batch(paths: Iterable[Path], imgsz: tuple[int, int]) -> np.ndarray:
+    """Readable images among `paths`, stacked as an NCHW float32 batch."""
+    arrays = [a for a in (letterbox(p, imgsz) for p in paths) if a is not None]
+    if not arrays:
+        raise UserError(f"none of the images could be read ({', '.join(str(p) for p in list(paths)[:3])} ...)")
+    return np.stack(arrays)
+
+
+@dataclass
+class CalibrationSet:
+    """Real images for INT8 calibration, loaded lazily in batches."""
+
+    paths: list[Path]
+    imgsz: tuple[int, int]
+    batch: int
+    source: str  # what the images are, for the record: "train split of <data.yaml>" or the folder
+
+    def batches(self) -> Iterator[np.ndarray]:
+        for i in range(0, len(self.paths), self.batch):
+            yield load_batch(self.paths[i : i + self.batch], self.imgsz)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def calibration_set(cfg: Any, ctx: Any, imgsz: tuple[int, int]) -> CalibrationSet:
+    """engine.calib_dir, else the training split: never random data (TAO's silent fallback)."""
+    e = cfg.engine
+    if e.calib_dir:
+        folder = Path(str(e.calib_dir)).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"engine.calib_dir={e.calib_dir} is not a folder; give a folder of calibration images")
+        paths, source = folder_images(folder), str(folder)
+        if not paths:
+            raise UserError(f"engine.calib_dir={e.calib_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    else:
+        data_yaml = ctx.dataset().data_yaml
+        paths, source = split_images(data_yaml, "train"), f"train split of {data_yaml}"
+        if not paths:
+            raise UserError(f"the training split of {data_yaml} has no images to calibrate on; set engine.calib_dir")
+    chosen = pick(paths, int(e.calib_images), seed=int(cfg.seed))
+    if len(chosen) < int(e.calib_images):
+        ctx.warn(f"INT8 calibration uses {len(chosen)} images (engine.calib_images={e.calib_images}); "
+                 "a few hundred give steadier ranges")
+    ctx.log.info("INT8 calibration: %d images from %s", len(chosen), source)
+    return CalibrationSet(chosen, imgsz, int(e.calib_batch), source)
+
+
+def real_batch(ctx: Any, imgsz: tuple[int, int], n: int = 8, split: str = "val") -> np.ndarray:
+    """The first n images of a dataset split, letterboxed: the batch parity checks run on."""
+    data_yaml = ctx.dataset().data_yaml
+    paths = split_images(data_yaml, split)
+    if not paths:
+        raise UserError(f"the {split} split of {data_yaml} has no images")
+    return load_batch(paths[:n], imgsz)
+
+
+def fit_batch(x: np.ndarray, fixed: int | None) -> np.ndarray:
+    """`x` repeated or cut to a fixed-batch graph's batch size (unchanged for a dynamic batch)."""
+    if not fixed or fixed == len(x):
+        return x
+    return np.concatenate([x] * fixed)[:fixed]
+
+
+# -- timing and machine facts ----------------------------------------------------------------
+def median_ms(fn: Callable[[], Any], runs: int, warmup: int | None = None) -> float:
+    """Median wall time of fn() in milliseconds over `runs` calls, after warm-up calls."""
+    for _ in range(max(2, runs // 10) if warmup is None else warmup):
+        fn()
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(times), 3)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (e.g. 'AMD EPYC 9R14'), for latency records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def evaluate_artifact(cfg: Any, ctx: Any, path: Path, imgsz: tuple[int, int], device: str = "cpu") -> dict[str, Any]:
+    """mAP of an exported artifact on the validation split, through the pipeline's one evaluator."""
+    from pipeline.evaluation import evaluate
+
+    res = evaluate(str(path), ctx.dataset().data_yaml, split="val", imgsz=max(imgsz), batch=int(cfg.evaluate.batch),
+                   conf=float(cfg.evaluate.conf), iou=float(cfg.evaluate.iou), device=device,
+                   save_dir=ctx.run_dir / "val", plots=False)
+    return {"mAP50": res["mAP50"], "mAP50_95": res["mAP50_95"]}
+
+
+def carried_figures(ctx: Any) -> dict[str, Any]:
+    """params and gflops of the model an artifact came from, read from the record that produced its input."""
+    entry = ctx.input_entry("model")
+    record = ctx.manifest.get(entry["produced_by"]) if entry.get("produced_by") else None
+    metrics = (record or {}).get("metrics", {})
+    return {k: metrics[k] for k in ("params", "gflops") if metrics.get(k) is not None}

@@ -1,0 +1,128 @@
+"""ONNX Runtime on CPUs: sessions with fixed threads, static INT8 (QDQ) quantisation, precision read-back.
+
+The portable fallback (ARM, other vendors) and the runtime of export parity checks. On x86 CPUs
+OpenVINO is faster on the same graph (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.engines.common import CalibrationSet, decode_layer, keep_float
+from pipeline.manifest import atomic_write_bytes
+
+# Op types that compute in integer arithmetic once ONNX Runtime has fused a QDQ graph.
+INT8_OPS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm", "DynamicQuantizeMatMul")
+FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "Gemm", "FusedMatMul")
+
+
+def session(path: str | Path, threads: int = 2) -> Any:
+    """A CPU inference session using `threads` intra-op threads (one inter-op thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess: Any, batch: np.ndarray, fixed_batch: int | None = None) -> np.ndarray:
+    """The first output on `batch`; a fixed-batch graph is fed in chunks (last one zero-padded)."""
+    name = sess.get_inputs()[0].name
+    if not fixed_batch:
+        return sess.run(None, {name: batch})[0]
+    outs = []
+    for i in range(0, len(batch), fixed_batch):
+        chunk = batch[i : i + fixed_batch]
+        pad = fixed_batch - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out = sess.run(None, {name: chunk})[0]
+        outs.append(out[: len(out) - pad])
+    return np.concatenate(outs)
+
+
+def fixed_batch_of(sess: Any) -> int | None:
+    """The graph's batch size when it is fixed, None when dynamic."""
+    dim = sess.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over real images, one batch at a time."""
+
+    def __init__(self, calib: CalibrationSet, input_name: str):
+        self.calib, self.input_name = calib, input_name
+        self._it = iter(calib.batches())
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self.calib.batches())
+
+
+def quantize_int8(src: Path, dst: Path, calib: CalibrationSet, log: Any) -> dict[str, Any]:
+    """Static INT8 QDQ quantisation (per-channel weights) calibrated on real images; Detect decode kept float.
+
+    The source's metadata (names, imgsz, stride) is copied over, so the result loads like the source.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = onnx.load(str(src))
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared)).graph
+        names = [n.name for n in graph.node]
+        head = decode_layer(names)
+        excluded = [n for n in names if keep_float(n, head)]
+        log.info("ONNX Runtime INT8: %d of %d nodes kept in float (Detect decode, layer %s)", len(excluded), len(names), head)
+        out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(prepared), str(out), _Reader(calib, graph.input[0].name),
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,  # u8s8: the VNNI fast path on x86
+            nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
+        )
+        quantized = onnx.load(str(out))
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(source.metadata_props)
+    atomic_write_bytes(dst, quantized.SerializeToString())
+    return {"float_nodes": len(excluded), "nodes": len(names)}
+
+
+def passthrough(src: Path, dst: Path) -> None:
+    """Copy the ONNX unchanged (fp32 engines, and QAT QDQ graphs that carry their own scales)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def executed_precision(path: str | Path, threads: int = 1) -> dict[str, Any]:
+    """Read back what ONNX Runtime runs: integer vs float compute kernels in its optimised graph."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+        fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(path)).graph.initializer)
+    int8 = sum(ops[o] for o in INT8_OPS)
+    total = int8 + sum(ops[o] for o in FLOAT_COMPUTE_OPS)
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
+    return {"executed_precision": precision, "int8_layers": int8, "compute_layers": total}

@@ -1,0 +1,144 @@
+"""OpenVINO on CPUs: an IR folder Ultralytics can load, INT8 from QAT scales or NNCF PTQ, precision read back.
+
+- A QDQ (QAT) ONNX is read as is: OpenVINO executes its QuantizeLinear/DequantizeLinear pairs as
+  INT8 kernels with the trained scales, so there is no recalibration.
+- A float ONNX becomes fp32, fp16 (weights stored in FP16) or int8 (NNCF post-training
+  quantisation on real images, Detect decode kept in float, as for ONNX Runtime).
+- The ONNX is read with `Core.read_model` (the C++ frontend); `pipeline.yolo_env` blocks the
+  Python telemetry package that `openvino.convert_model` and NNCF would otherwise use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.engines.common import CalibrationSet, decode_layer, keep_float, letterbox
+from pipeline.errors import require
+from pipeline.manifest import atomic_write_text
+
+HINT = ("install it with `pip install openvino nncf` (both on PyPI and ordinary dependencies of this "
+        "package), or choose engine.backend=onnxruntime")
+COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+_NOT_OPS = ("Parameter", "Result", "Constant")
+
+
+def require_openvino(int8: bool = False) -> Any:
+    """The openvino module (and NNCF for PTQ), or a UserError that says how to install them."""
+    if int8:
+        require("nncf", f"engine.backend=openvino engine.precision=int8 needs NNCF: {HINT}")
+    return require("openvino", f"engine.backend=openvino needs OpenVINO: {HINT}")
+
+
+def available() -> bool:
+    """Whether OpenVINO imports here."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def version() -> str:
+    return str(require_openvino().__version__)
+
+
+class _Images:
+    """NNCF calibration source: one letterboxed real image per item, re-iterable."""
+
+    def __init__(self, calib: CalibrationSet):
+        self.calib = calib
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for p in self.calib.paths:
+            img = letterbox(p, self.calib.imgsz)
+            if img is not None:
+                yield img[None]
+
+
+def build(src: Path, out_dir: Path, precision: str, qdq: bool, calib: CalibrationSet | None,
+          meta: dict[str, Any], log: Any) -> dict[str, Any]:
+    """Write `out_dir` (a `*_openvino_model/` folder: model.xml, model.bin, metadata.yaml) from an ONNX."""
+    ov = require_openvino()
+    model = ov.Core().read_model(str(src))
+    info: dict[str, Any] = {"quantization": "none"}
+    if qdq:
+        info["quantization"] = "qat (trained QDQ scales)"
+    elif precision == "int8":
+        if calib is None:
+            raise ValueError("int8 needs a calibration set")
+        import nncf
+
+        ops = [op for op in model.get_ops() if op.get_type_name() not in _NOT_OPS]
+        head = decode_layer(op.get_friendly_name() for op in ops)
+        ignored = [op.get_friendly_name() for op in ops if keep_float(op.get_friendly_name(), head)]
+        log.info("NNCF INT8: %d images, %d of %d ops kept in float (Detect decode, layer %s)",
+                 len(calib), len(ignored), len(ops), head)
+        model = nncf.quantize(model, nncf.Dataset(_Images(calib)), preset=nncf.QuantizationPreset.MIXED,
+                              subset_size=len(calib), ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+        info.update(quantization="nncf ptq", float_ops=len(ignored))
+    _set_rt_info(model, meta)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=precision == "fp16" and not qdq)
+    write_metadata(tmp / "metadata.yaml", meta)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return info
+
+
+def write_metadata(path: Path, meta: dict[str, Any]) -> None:
+    """metadata.yaml as Ultralytics' AutoBackend reads it (names, imgsz, stride, batch, args)."""
+    import yaml
+
+    atomic_write_text(path, yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
+
+
+def _set_rt_info(model: Any, meta: dict[str, Any]) -> None:
+    """The model_info block OpenVINO's Model API reads (what Ultralytics' own export writes)."""
+    names = meta.get("names") or {}
+    model.set_rt_info("YOLO", ["model_info", "model_type"])
+    model.set_rt_info(True, ["model_info", "reverse_input_channels"])
+    model.set_rt_info(114, ["model_info", "pad_value"])
+    model.set_rt_info([255.0], ["model_info", "scale_values"])
+    model.set_rt_info([str(v).replace(" ", "_") for v in names.values()], ["model_info", "labels"])
+    model.set_rt_info("fit_to_window_letterbox", ["model_info", "resize_type"])
+
+
+def compile_static(xml: Path, shape: tuple[int, ...], threads: int) -> Any:
+    """The IR compiled for the CPU at a fixed input shape, `threads` inference threads, latency mode."""
+    ov = require_openvino()
+    core = ov.Core()
+    model = core.read_model(str(xml))
+    model.reshape(list(shape))
+    return core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"})
+
+
+def infer(compiled: Any, batch: np.ndarray) -> np.ndarray:
+    """First output of a compiled model on `batch`."""
+    return next(iter(compiled(batch).values()))
+
+
+def executed_precision(compiled: Any) -> dict[str, Any]:
+    """What the CPU plugin actually runs, read from the compiled model's runtime graph (not assumed).
+
+    Counts compute layers (convolutions, matmuls) by their runtime precision: any I8/U8 layer makes
+    the model "int8" (the Detect decode stays float by design); otherwise bf16/fp16/fp32.
+    """
+    counts: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        rt = op.get_rt_info()
+        if rt["layerType"].astype(str) in COMPUTE_LAYERS:
+            counts[rt["runtimePrecision"].astype(str)] += 1
+    int8 = counts["i8"] + counts["u8"]
+    precision = ("int8" if int8 else "bf16" if counts["bf16"] else "fp16" if counts["f16"] else "fp32")
+    return {"executed_precision": precision, "int8_layers": int8, "compute_layers": sum(counts.values()),
+            "runtime_precisions": dict(counts)}

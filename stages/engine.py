@@ -1,0 +1,149 @@
+"""stage=engine: the exported ONNX -> a deployable engine (TensorRT, OpenVINO or ONNX Runtime).
+
+engine.backend=auto takes TensorRT when it imports and a GPU is present, else OpenVINO, else ONNX
+Runtime, and logs which and why. A QAT (QDQ) ONNX always runs as INT8 with its trained scales; a
+float ONNX is built at engine.precision, INT8 calibrated on real images (engine.calib_dir or the
+training split, never random data) with the Detect decode kept in float. Every engine is measured
+as itself: mAP through the pipeline's evaluator, median batch-1 latency, size, and the precision
+the runtime actually executes, read back from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.context import StageContext, StageResult
+from pipeline.engines import require_backend, select_backend
+from pipeline.engines.common import (
+    CalibrationSet,
+    calibration_set,
+    carried_figures,
+    cpu_model,
+    evaluate_artifact,
+    fit_batch,
+    median_ms,
+    model_imgsz,
+    onnx_metadata,
+    qdq_nodes,
+    real_batch,
+)
+from pipeline.errors import UserError
+from pipeline.models import size_mb
+
+
+def run(cfg: Any, ctx: StageContext) -> StageResult:
+    import onnx
+
+    e = cfg.engine
+    src = ctx.input_path("model")
+    if src.suffix != ".onnx":
+        raise UserError(f"engine.input={src} is not an ONNX file; run stage=export first, or set engine.input=PATH.onnx")
+    qdq = qdq_nodes(onnx.load(str(src), load_external_data=False)) > 0
+    meta = onnx_metadata(src)
+    imgsz = model_imgsz(meta, src)
+    backend, why = select_backend(str(e.backend))
+    ctx.log.info("engine: backend %s (%s)", backend, why)
+    if backend == "onnxruntime" and e.precision == "fp16" and not qdq:
+        raise UserError("engine.precision=fp16 is not offered with engine.backend=onnxruntime (its CPU kernels run "
+                        "FP16 graphs slower than FP32); choose fp32 or int8, or engine.backend=openvino/tensorrt")
+    if qdq and e.precision != "int8":
+        ctx.warn(f"the input is a QAT model (QDQ ONNX): it runs as INT8 with its trained scales; "
+                 f"engine.precision={e.precision} does not apply")
+    precision = "int8" if qdq else str(e.precision)
+    require_backend(backend, int8_ptq=precision == "int8" and not qdq)
+    calib = calibration_set(cfg, ctx, imgsz) if precision == "int8" and not qdq else None
+
+    build = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}[backend]
+    outputs, metrics = build(cfg, ctx, src, qdq, precision, calib, imgsz, meta)
+    model_path = outputs[0][1]
+    metrics = {
+        "backend": backend, "backend_reason": why, "precision": precision, "qdq_input": qdq,
+        "imgsz": list(imgsz), **carried_figures(ctx), "size_mb": size_mb(model_path), **metrics,
+    }
+    if calib is not None:
+        metrics.update(calib_images=len(calib), calib_source=calib.source)
+    executed = metrics.get("executed_precision")
+    if executed and executed != precision:
+        why = (" (it runs a QAT model's QDQ pairs as float fake-quantisation, no faster than FP32; "
+               "engine.backend=openvino executes them as INT8)" if qdq and backend == "onnxruntime" else "")
+        ctx.warn(f"engine.precision={precision} was asked for, but {backend} executes {executed} on this machine{why}")
+    if "params" not in metrics:
+        ctx.warn(f"params/gflops unknown: {src} was not produced by stage=export in this results_dir")
+    source = _source_metrics(ctx)
+    if source.get("mAP50_95") is not None:
+        metrics["source_mAP50_95"] = source["mAP50_95"]
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def _source_metrics(ctx: StageContext) -> dict[str, Any]:
+    entry = ctx.input_entry("model")
+    record = ctx.manifest.get(entry["produced_by"]) if entry.get("produced_by") else None
+    return (record or {}).get("metrics", {})
+
+
+def _onnxruntime(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str, calib: CalibrationSet | None,
+                 imgsz: tuple[int, int], meta: dict[str, Any]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    from pipeline.engines import onnxruntime as ortb
+
+    e = cfg.engine
+    out = ctx.run_dir / "model.onnx"
+    metrics: dict[str, Any] = {}
+    if precision == "int8" and not qdq:
+        metrics.update(ortb.quantize_int8(src, out, calib, ctx.log))
+    else:
+        ortb.passthrough(src, out)
+    metrics.update(ortb.executed_precision(out))
+    sess = ortb.session(out, int(e.threads))
+    x = fit_batch(real_batch(ctx, imgsz, n=1), ortb.fixed_batch_of(sess))
+    name = sess.get_inputs()[0].name
+    metrics.update(latency_ms=median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs)),
+                   latency_threads=int(e.threads), cpu_model=cpu_model(), onnxruntime_version=_version("onnxruntime"))
+    if e.evaluate:
+        metrics.update(evaluate_artifact(cfg, ctx, out, imgsz))
+    return [("model", out)], metrics
+
+
+def _openvino(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str, calib: CalibrationSet | None,
+              imgsz: tuple[int, int], meta: dict[str, Any]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    from pipeline.engines import openvino as ovb
+
+    e = cfg.engine
+    folder = ctx.run_dir / "model_openvino_model"  # the *_openvino_model/ name is how AutoBackend recognises it
+    metrics: dict[str, Any] = ovb.build(src, folder, precision, qdq, calib, meta, ctx.log)
+    x = real_batch(ctx, imgsz, n=1)
+    compiled = ovb.compile_static(folder / "model.xml", x.shape, int(e.threads))
+    metrics.update(ovb.executed_precision(compiled))
+    metrics.update(latency_ms=median_ms(lambda: ovb.infer(compiled, x), int(e.latency_runs)),
+                   latency_threads=int(e.threads), cpu_model=cpu_model(), openvino_version=ovb.version())
+    if e.evaluate:
+        metrics.update(evaluate_artifact(cfg, ctx, folder, imgsz))
+    outputs = [("model", folder), ("ir_xml", folder / "model.xml"), ("ir_bin", folder / "model.bin")]
+    return outputs, metrics
+
+
+def _tensorrt(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str, calib: CalibrationSet | None,
+              imgsz: tuple[int, int], meta: dict[str, Any]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    from pipeline.engines import tensorrt as trtb
+
+    e = cfg.engine
+    out = ctx.run_dir / "model.engine"
+    info = trtb.build(src, out, precision, qdq, calib, e, imgsz, meta, ctx.log)
+    trtb.check_compatible(out)
+    outputs: list[tuple[str, Path]] = [("model", out), ("sidecar", info.pop("sidecar"))]
+    cache = info.pop("cache")
+    if cache is not None:
+        outputs.append(("calib_cache", cache))
+    metrics: dict[str, Any] = {**info, "latency_ms": trtb.latency_ms(out, (1, 3, *imgsz), int(e.latency_runs))}
+    if metrics["latency_ms"] is None:
+        ctx.warn("GPU latency not measured: the engine's outputs have data-dependent shapes")
+    device = ctx.device if ctx.device != "cpu" else "0"
+    if e.evaluate:
+        metrics.update(evaluate_artifact(cfg, ctx, out, imgsz, device=device))
+    return outputs, metrics
+
+
+def _version(module: str) -> str:
+    import importlib
+
+    return str(importlib.import_module(module).__version__)

@@ -1,0 +1,144 @@
+"""stage=export: a PyTorch checkpoint -> ONNX that proves itself.
+
+Ultralytics' exporter writes the graph (opset 17, dynamic batch by default, names/imgsz/stride in
+the ONNX metadata that AutoBackend reads; QAT checkpoints come out with their QuantizeLinear /
+DequantizeLinear pairs). Around it this stage checks the result: `onnx.checker`, the largest
+output difference between ONNX Runtime and PyTorch on real validation images, mAP of the ONNX on
+the validation split, CPU latency (median, batch 1), and the number of QDQ nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.context import StageContext, StageResult
+from pipeline.engines import onnxruntime as ortb
+from pipeline.engines.common import evaluate_artifact, fit_batch, median_ms, qdq_nodes, real_batch
+from pipeline.errors import UserError
+from pipeline.manifest import atomic_write_bytes
+from pipeline.models import load_checkpoint, load_model, model_figures, size_mb
+
+PARITY_IMAGES = 8  # validation images in the parity batch
+FP32_TOLERANCE = 1e-3  # largest ORT-vs-PyTorch difference an FP32 export should show
+
+
+def run(cfg: Any, ctx: StageContext) -> StageResult:
+    e = cfg.export
+    src = ctx.input_path("model")
+    if src.suffix != ".pt":
+        raise UserError(f"export.input={src} is not a PyTorch checkpoint (.pt); export takes the output of "
+                        "train, prune or retrain")
+    ckpt = load_checkpoint(src)
+    qat = bool(ckpt.get("modelopt"))
+    if qat and e.half:
+        raise UserError("export.half=true does not apply to a QAT model: its ONNX is INT8 (QuantizeLinear/"
+                        "DequantizeLinear); export it with export.half=false")
+    imgsz = int(e.imgsz or (ckpt.get("train_args") or {}).get("imgsz") or 640)
+    del ckpt
+    figures = model_figures(load_model(src), imgsz)
+
+    out = ctx.run_dir / "model.onnx"
+    with tempfile.TemporaryDirectory(dir=ctx.run_dir, prefix=".export-") as tmp:
+        proto = _export(src, Path(tmp) / "main", e, imgsz, nms=bool(e.nms))
+        atomic_write_bytes(out, proto.SerializeToString())
+        # With NMS inside, outputs are post-NMS detections; parity is checked on the same network
+        # exported without it (the NMS part is proven by the mAP of the real artifact below).
+        parity_path = out
+        if e.nms:
+            parity_path = Path(tmp) / "raw.onnx"
+            atomic_write_bytes(parity_path, _export(src, Path(tmp) / "raw", e, imgsz, nms=False).SerializeToString())
+        batch = real_batch(ctx, (imgsz, imgsz), n=PARITY_IMAGES)
+        diff = _max_abs_diff(parity_path, src, batch, int(e.threads))
+
+    metrics: dict[str, Any] = {
+        **figures, "size_mb": size_mb(out), "max_abs_diff": diff, "parity_images": len(batch),
+        "parity_scope": "network outputs before NMS" if e.nms else "network outputs",
+        "qdq_nodes": qdq_nodes(proto), "qat": qat, "opset": int(e.opset), "imgsz": imgsz,
+        "dynamic": bool(e.dynamic), "half": bool(e.half), "nms": bool(e.nms),
+    }
+    if not e.half and diff > FP32_TOLERANCE:
+        ctx.warn(f"ONNX Runtime and PyTorch outputs differ by up to {diff:.3g} (> {FP32_TOLERANCE}) on real images")
+    if qat and not metrics["qdq_nodes"]:
+        ctx.warn("the checkpoint is a QAT model but its ONNX holds no QuantizeLinear/DequantizeLinear nodes")
+
+    sess = ortb.session(out, int(e.threads))
+    x = fit_batch(batch[:1], ortb.fixed_batch_of(sess))
+    name = sess.get_inputs()[0].name
+    metrics["latency_ms"] = median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs))
+    metrics["latency_threads"] = int(e.threads)
+    metrics["latency_batch"] = len(x)
+    if e.evaluate:
+        metrics.update(evaluate_artifact(cfg, ctx, out, (imgsz, imgsz)))
+    ctx.log.info("export: %s (%.2f MB, %d QDQ nodes, max |ORT - PyTorch| = %.3g, %.2f ms batch %d on %d threads)",
+                 out.name, metrics["size_mb"], metrics["qdq_nodes"], diff, metrics["latency_ms"], len(x), e.threads)
+    return StageResult(outputs=[("model", out)], metrics=metrics)
+
+
+def _export(src: Path, workdir: Path, e: Any, imgsz: int, nms: bool) -> Any:
+    """Ultralytics' ONNX export of `src` (on a copy, so nothing is written beside the input); checked."""
+    import onnx
+    from ultralytics import YOLO
+
+    workdir.mkdir(parents=True)
+    pt = workdir / "model.pt"
+    shutil.copyfile(src, pt)
+    extra = {"conf": float(e.nms_conf), "iou": float(e.nms_iou)} if nms else {}
+    ul_log = logging.getLogger("ultralytics")
+    level = ul_log.level
+    ul_log.setLevel(logging.WARNING)  # its closing hints name the temporary folder, which is gone afterwards
+    try:
+        f = YOLO(str(pt), task="detect").export(
+            format="onnx", imgsz=imgsz, opset=int(e.opset), dynamic=bool(e.dynamic), batch=int(e.batch),
+            simplify=bool(e.simplify), nms=nms, quantize=16 if e.half else None, device="cpu", verbose=False, **extra,
+        )
+    finally:
+        ul_log.setLevel(level)
+    proto = onnx.load(str(f))
+    if e.half:
+        # onnxruntime's float16 converter inserts its input casts after their consumers.
+        _toposort(proto.graph)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _toposort(graph: Any) -> None:
+    """Reorder graph nodes so that every node follows the producers of its inputs (Kahn's algorithm)."""
+    nodes = list(graph.node)
+    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, order = list(range(len(nodes))), []
+    while pending:
+        ready = [i for i in pending if all(x in known for x in nodes[i].input)]
+        if not ready:
+            raise RuntimeError("the ONNX graph has a cycle or an input that nothing produces")
+        for i in ready:
+            known.update(nodes[i].output)
+        order += ready
+        done = set(ready)
+        pending = [i for i in pending if i not in done]
+    ordered = [copy.deepcopy(nodes[i]) for i in order]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _max_abs_diff(onnx_path: Path, src: Path, batch: np.ndarray, threads: int) -> float:
+    """Largest |ONNX Runtime - PyTorch| over all outputs on `batch` (the model as Ultralytics loads it,
+    fake-quantisers of a QAT model included)."""
+    import torch
+    from ultralytics import YOLO
+
+    model = YOLO(str(src), task="detect").model.float().eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(batch))
+    ref = (ref[0] if isinstance(ref, (list, tuple)) else ref).numpy()
+    sess = ortb.session(onnx_path, threads)
+    got = ortb.run(sess, batch, ortb.fixed_batch_of(sess)).astype(np.float32)
+    if got.shape != ref.shape:
+        raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch output shape {ref.shape}")
+    return float(np.abs(got - ref).max())
