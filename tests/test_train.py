@@ -37,7 +37,7 @@ class _Toy(nn.Module):
         return self.bn(self.conv(x)).mean((2, 3))
 
 
-def _fit_toy(kind: str | None, steps: int = 60) -> _Toy:
+def _fit_toy(kind: str | None, steps: int = 30) -> _Toy:
     """Regress a fixed target; with `kind`, through SparsityLoss. Returns the trained toy."""
     toy = _Toy()
     torch.manual_seed(1)
