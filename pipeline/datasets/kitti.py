@@ -109,7 +109,7 @@ class KittiImporter:
             for img in (f for f in tree.files if is_image(f)):
                 stem = os.path.splitext(os.path.relpath(img, image_dir))[0]
                 seen.add(stem)
-                items.append(Item(Path(os.path.relpath(img, self.root)).as_posix(), img, split, by_stem.get(stem)))
+                items.append(Item(Path(os.path.relpath(img, image_dir)).as_posix(), img, split, by_stem.get(stem)))
             for stem, f in by_stem.items():
                 if stem not in seen:
                     defects.add("label_without_image", printable(os.path.relpath(f, self.root)))

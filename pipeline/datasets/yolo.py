@@ -126,7 +126,9 @@ class YoloImporter:
         try:
             data = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise UserError(f"{self.where} is not readable YAML ({exc})") from None
+            mark = getattr(exc, "problem_mark", None)
+            why = f"{exc.problem} at line {mark.line + 1}" if mark is not None else " ".join(str(exc).split())
+            raise UserError(f"{self.where} is not readable YAML ({why})") from None
         if not isinstance(data, dict):
             raise UserError(f"{self.where} is not a mapping; expected keys path, train, val, names")
         self.data = data
@@ -169,8 +171,9 @@ class YoloImporter:
         label_dirs: set[Path] = set()
         for split, entries in self.splits.items():
             for entry in entries:
+                base = entry if entry.is_dir() else self.root
                 for image in self._images(entry, source):
-                    source.items.append(Item(_key(image, self.root), image, split, label_path_for(image)))
+                    source.items.append(Item(_key(image, base), image, split, label_path_for(image)))
                 if entry.is_dir():
                     label_dirs.add(_labels_dir(entry))
         used = {i.label for i in source.items if i.label is not None}
