@@ -25,7 +25,7 @@ from pipeline.context import StageContext, StageResult
 from pipeline.devices import resolve_device
 from pipeline.errors import UserError
 from pipeline.evaluation import model_imgsz
-from pipeline.manifest import FAILED
+from pipeline.manifest import FAILED, SUCCEEDED
 from pipeline.models import PRETRAINED_HINT, build_model, load_model, model_figures, names_of
 
 ULTRALYTICS_DIR = "ultralytics"  # Ultralytics' own run folder inside the stage's run dir
@@ -126,9 +126,13 @@ def _record_input(ctx: StageContext, role: str, path: Path) -> None:
 
 
 def _interrupted_last(ctx: StageContext) -> Path:
-    """last.pt of the newest failed (interrupted) train run of this results dir."""
-    for record in reversed(ctx.manifest.runs()):
+    """last.pt of the newest failed (interrupted) train run of this results dir not resumed yet."""
+    runs = ctx.manifest.runs()
+    resumed = {r.get("resumed_from") for r in runs if r["status"] == SUCCEEDED}
+    for record in reversed(runs):
         if record["stage"] != "train" or record["status"] != FAILED or not record.get("run_dir"):
+            continue
+        if record["run_id"] in resumed:
             continue
         run_dir = ctx.manifest.abs(record["run_dir"])
         for last in (run_dir / ULTRALYTICS_DIR / "weights" / "last.pt", run_dir / "last.pt"):

@@ -136,31 +136,6 @@ def _name(model: nn.Module, param: nn.Parameter) -> str:
     return next(n for n, p in model.named_parameters() if p is param)
 
 
-def test_fit_resumes_an_interrupted_run(tiny_data_yaml, tmp_path, monkeypatch):
-    original = PipelineTrainer.save_model
-
-    def save_then_interrupt(self):
-        saved = original(self)
-        if self.epoch == 0:
-            raise KeyboardInterrupt
-        return saved
-
-    monkeypatch.setattr(PipelineTrainer, "save_model", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(build_model("yolov8n", nc=2), tiny_data_yaml, tmp_path / "first", {**TINY, "epochs": 3})
-    last = tmp_path / "first" / "weights" / "last.pt"
-    assert torch.load(last, weights_only=False)["epoch"] == 0
-    monkeypatch.setattr(PipelineTrainer, "save_model", original)
-
-    result = fit(last, tiny_data_yaml, tmp_path / "second", {**TINY, "epochs": 3, "resume": True})
-    assert result.best.parent == tmp_path / "second" / "weights"
-    rows = _csv(tmp_path / "second" / "results.csv")
-    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]  # epoch 1 from the first run, 2-3 resumed
-    assert result.epochs == 3
-    with pytest.raises(UserError, match="resume"):
-        fit(result.last, tiny_data_yaml, tmp_path / "third", {**TINY, "epochs": 3, "resume": True})
-
-
 def test_nonfinite_loss_stops_with_a_message(tiny_data_yaml, tmp_path):
     with pytest.raises(UserError, match="diverged"):
         fit(build_model("yolov8n", nc=2), tiny_data_yaml, tmp_path / "nan", TINY, sparsity="l1",
@@ -172,7 +147,57 @@ def test_fit_refuses_a_head_for_other_classes(tiny_data_yaml, tmp_path):
         fit(build_model("yolov8n", nc=3), tiny_data_yaml, tmp_path / "x", TINY)
 
 
-# -- stage=train / stage=evaluate through the CLI ----------------------------------------------------
+# -- stage=train / stage=evaluate: resume through the manifest, the CLI ------------------------------
+
+def _smoke_cfg(results_dir, *overrides):
+    from conftest import REPO
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register
+
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=["stage=train", "experiment=smoke", f"results_dir={results_dir}",
+                                            "train.imgsz=64", *overrides])
+
+
+def test_resume_continues_the_interrupted_run_in_a_new_folder(results_dir, monkeypatch):
+    from pipeline.manifest import Manifest
+    from pipeline.runner import run_stage
+
+    original = PipelineTrainer.save_model
+
+    def save_then_interrupt(self):
+        saved = original(self)
+        if self.epoch == 0:
+            raise KeyboardInterrupt  # as Ctrl-C after the first epoch's checkpoint
+        return saved
+
+    monkeypatch.setattr(PipelineTrainer, "save_model", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(_smoke_cfg(results_dir), "train")
+    monkeypatch.setattr(PipelineTrainer, "save_model", original)
+    failed = Manifest(results_dir).runs()[-1]
+    assert failed["status"] == "failed"
+    interrupted_last = results_dir / failed["run_dir"] / "ultralytics" / "weights" / "last.pt"
+    assert torch.load(interrupted_last, weights_only=False)["epoch"] == 0
+
+    record = run_stage(_smoke_cfg(results_dir, "train.resume=true"), "train")
+    assert record["status"] == "succeeded" and record["resumed_from"] == failed["run_id"]
+    resume_input = next(e for e in record["inputs"] if e["role"] == "resume")
+    assert resume_input["produced_by"] == failed["run_id"]
+    assert record["run_dir"] != failed["run_dir"]
+    rows = _csv(results_dir / record["run_dir"] / "results.csv")
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]  # epoch 1 from the interrupted run, 2 resumed
+    assert record["metrics"]["epochs"] == 2
+
+    with pytest.raises(UserError, match="train.resume=true: no interrupted train run"):
+        run_stage(_smoke_cfg(results_dir, "train.resume=true"), "train")
+    with pytest.raises(UserError, match="nothing to resume"):
+        data = next(e for e in record["inputs"] if e["role"] == "dataset")["path"]
+        fit(results_dir / record["run_dir"] / "last.pt", results_dir / data, results_dir / "again",
+            {**TINY, "resume": True})
+
 
 def test_missing_weights_file_exits_2(results_dir):
     from conftest import run_cli
@@ -184,7 +209,6 @@ def test_missing_weights_file_exits_2(results_dir):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.slow
 def test_smoke_train_then_evaluate_cli(results_dir):
     from conftest import run_cli
 
