@@ -307,7 +307,8 @@ def run_report(cfg: Any) -> dict[str, Any]:
                 (out / name).unlink()  # a stale plot from an earlier report would mislead
     checked, problems = verify(manifest, succeeded) if cfg.report.verify else (0, [])
 
-    console = _console(manifest.root, headers, cells, others, failed, running, checked, problems, cfg.report.verify)
+    console = _console(manifest.root, headers, cells, others, succeeded, failed, running, checked, problems,
+                       cfg.report.verify)
     print(console)
     atomic_write_text(out / "report.csv", _csv(rows))
     atomic_write_text(out / "report.md", _markdown(manifest.root, headers, cells, rows, others, failed, running,
@@ -321,10 +322,14 @@ def run_report(cfg: Any) -> dict[str, Any]:
             "verified": checked, "problems": problems}
 
 
-def _console(root: Path, headers, cells, others, failed, running, checked, problems, verified: bool) -> str:
+def _console(root: Path, headers, cells, others, succeeded, failed, running, checked, problems,
+             verified: bool) -> str:
     parts = [f"runs in {root}", text_table(headers, cells) if cells else "(no run with model figures yet)"]
     if others:
         parts.append("other runs:\n" + "\n".join(f"  {r['run_id']}: {_scalars(r.get('metrics', {}))}" for r in others))
+    warned = [(r["run_id"], w) for r in succeeded for w in r.get("warnings") or []]
+    if warned:
+        parts.append("warnings:\n" + "\n".join(f"  {rid}: {w}" for rid, w in warned))
     if running:
         parts.append("running:\n" + "\n".join(f"  {r['run_id']} (pid {r.get('pid')})" for r in running))
     if failed:

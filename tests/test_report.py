@@ -20,7 +20,8 @@ def _cfg(results: Path, verify: bool = False, plots: bool = True):
 
 
 def _record(m: Manifest, stage: str, n: int, metrics: dict, parent: str | None = None,
-            config: dict | None = None, status: str = "succeeded", error: str | None = None) -> str:
+            config: dict | None = None, status: str = "succeeded", error: str | None = None,
+            warnings: list[str] | None = None) -> str:
     """A well-formed record with a real artifact file (and config.yaml) in its run folder."""
     run_id = f"{stage}-20261123T1000{n:02d}-ab{n:02d}"
     run_dir = m.root / stage / run_id
@@ -37,7 +38,7 @@ def _record(m: Manifest, stage: str, n: int, metrics: dict, parent: str | None =
         "finished": f"2026-11-23T10:01:{n:02d}+00:00", "seconds": 60.0 + n, "config_hash": f"{n:064x}",
         "overrides": [], "git_commit": None, "host": "test", "pid": 1, "run_dir": m.rel(run_dir),
         "inputs": inputs, "outputs": [m.artifact("model", artifact)] if status == "succeeded" else [],
-        "metrics": metrics, "warnings": [], **({"error": error} if error else {}),
+        "metrics": metrics, "warnings": warnings or [], **({"error": error} if error else {}),
     })
     return run_id
 
@@ -51,7 +52,8 @@ def results(tmp_path) -> Path:
     _record(m, "evaluate", 3, {"mAP50": 0.91, "mAP50_95": 0.71, "params": 3_000_000, "gflops": 8.1,
                                "size_mb": 6.2, "precision": 0.8}, parent=train)
     p5 = _record(m, "prune", 4, {"mAP50": 0.1, "mAP50_95": 0.05, "params": 900_000, "gflops": 2.5, "size_mb": 1.9,
-                                 "pth": 0.5, "kept_params_ratio": 0.3}, parent=train)
+                                 "pth": 0.5, "kept_params_ratio": 0.3}, parent=train,
+                 warnings=["mAP50-95 fell to 0.05 after pruning; retrain recovers it"])
     # the pth of this prune run is only in its config.yaml
     p3 = _record(m, "prune", 5, {"mAP50": 0.5, "mAP50_95": 0.3, "params": 1_500_000, "gflops": 4.0, "size_mb": 3.0},
                  parent=train, config={"prune": {"mode": "threshold", "pth": 0.3}})
@@ -92,6 +94,7 @@ def test_table_rows_lineage_and_inherited_figures(results, capsys):
     console = capsys.readouterr().out
     assert "mAP50-95" in console and "3,000,000" in console and "0.6650" in console
     assert "failed runs:" in console and "loss is NaN" in console and "kmeans-20261123T100001-ab01" in console
+    assert f"{p5}: mAP50-95 fell to 0.05 after pruning" in console
 
 
 def test_markdown_csv_and_plots(results):
@@ -101,6 +104,7 @@ def test_markdown_csv_and_plots(results):
     assert "| run_id | stage | from | pth | kept_params_ratio |" in md
     assert "| engine-20261123T100008-ab08 | engine | export-20261123T100007-ab07 | 0.5 | 0.300 | 900,000 |" in md
     assert "## Failed runs" in md and "ValueError: loss is NaN" in md
+    assert "## Warnings" in md and "fell to 0.05 after pruning" in md
     assert "## Lineage" in md and "(pth=0.5, mAP50-95 0.0500)" in md
     assert "![map_vs_kept_params](map_vs_kept_params.png)" in md
     with open(report / "report.csv", newline="") as f:
