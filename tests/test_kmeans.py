@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_rect_dataset
+from conftest import VINID, run_cli, write_rect_dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -171,3 +171,19 @@ def test_cli_too_many_clusters_names_the_key(tmp_path):
                    "dataset.name=few", "dataset.format=yolo", "kmeans.num_clusters=9")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "kmeans.num_clusters=9" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not VINID.exists(), reason="vinid-products dataset not present")
+def test_cli_real_data_letterbox_vs_stretch(tmp_path):
+    results = tmp_path / "r"
+    metrics = {}
+    for resize in ("letterbox", "stretch"):
+        proc = run_cli("stage=kmeans", "dataset=vinid", f"results_dir={results}", f"kmeans.resize={resize}",
+                       "kmeans.width=320", "kmeans.height=320")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        metrics[resize] = json.loads((results / "manifest.json").read_text())["runs"][-1]["metrics"]
+    for m in metrics.values():
+        assert len(m["anchors"]) == 9 and m["mean_iou"] > 0.7 and m["bpr"] > 0.9 and m["boxes"] > 50
+        assert max(max(a) for a in m["anchors"]) <= 320
+    # the photos are not square: stretching changes the box shapes letterboxing keeps
+    assert metrics["letterbox"]["anchors"] != metrics["stretch"]["anchors"]
