@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.datasets.images import ULTRALYTICS_SUFFIXES
 from pipeline.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # Ultralytics writes ONNX metadata values with str(); these keys hold Python literals.
 _LITERAL_KEYS = ("stride", "batch", "imgsz", "names", "args", "channels", "end2end", "kpt_shape")
 _LAYER = re.compile(r"/model\.(\d+)/")
@@ -86,7 +86,7 @@ def keep_float(name: str, head: int | None) -> bool:
 # -- images ----------------------------------------------------------------------------------
 def folder_images(folder: str | Path) -> list[Path]:
     """Image files under `folder` (recursive), sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in ULTRALYTICS_SUFFIXES and p.is_file())
 
 
 def split_images(data_yaml: str | Path, split: str) -> list[Path]:
@@ -168,7 +168,7 @@ def calibration_set(cfg: Any, ctx: Any, imgsz: tuple[int, int]) -> CalibrationSe
             raise UserError(f"engine.calib_dir={e.calib_dir} is not a folder; give a folder of calibration images")
         paths, source = folder_images(folder), str(folder)
         if not paths:
-            raise UserError(f"engine.calib_dir={e.calib_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise UserError(f"engine.calib_dir={e.calib_dir} holds no images ({', '.join(sorted(ULTRALYTICS_SUFFIXES))})")
     else:
         data_yaml = ctx.dataset().data_yaml
         paths, source = split_images(data_yaml, "train"), f"train split of {data_yaml}"
@@ -227,8 +227,7 @@ def evaluate_artifact(cfg: Any, ctx: Any, path: Path, imgsz: tuple[int, int], de
     from pipeline.evaluation import evaluate
 
     res = evaluate(str(path), ctx.dataset().data_yaml, split="val", imgsz=max(imgsz), batch=int(cfg.evaluate.batch),
-                   conf=float(cfg.evaluate.conf), iou=float(cfg.evaluate.iou), device=device,
-                   save_dir=ctx.run_dir / "val", plots=False)
+                   conf=float(cfg.evaluate.conf), iou=float(cfg.evaluate.iou), device=device)
     return {"mAP50": res["mAP50"], "mAP50_95": res["mAP50_95"]}
 
 
