@@ -131,6 +131,8 @@ FIXED: list[tuple[str, dict, dict[str, int], int]] = [
     ("binary_label", {"x.jpg": jpg(), "x.txt": b"\x00\x01\x02garbage"}, {"unreadable_label": 1}, 3),
     ("garbage_image", {"x.jpg": b"this is not an image", "x.txt": f"0 {BOX}\n"}, {"unreadable_image": 1}, 3),
     ("empty_image_file", {"x.png": b"", "x.txt": f"0 {BOX}\n"}, {"unreadable_image": 1}, 3),
+    ("corrupt_png_chunk", {"x.png": (lambda b: b[:60] + bytes([b[60] ^ 0xFF]) + b[61:])(png("RGB", (64, 48))),
+                           "x.txt": f"0 {BOX}\n"}, {"unreadable_image": 1}, 3),
     ("truncated_jpeg", {"x.jpg": jpg((200, 150))[:4000], "x.txt": f"0 {BOX}\n"}, {"truncated_image": 1}, 3),
     ("trailing_bytes_jpeg", {"x.jpg": jpg() + b"junk" * 50, "x.txt": f"0 {BOX}\n"}, {"repaired_image": 1}, 4),
     ("tiny_1x1", {"x.png": png(size=(1, 1)), "x.txt": f"0 {BOX}\n"}, {"tiny_image": 1}, 3),

@@ -253,6 +253,15 @@ def test_reuse_when_unchanged_rebuild_when_changed(tmp_path, caplog):
     assert rebuilt.root == changed.root and victim.exists()
 
 
+def test_results_dir_inside_the_source_is_not_imported(tmp_path):
+    src = darknet_folder(tmp_path / "src", n=6)
+    first = prep(src / "results", path=str(src))
+    image(src / "results" / "train" / "run1" / "plot.png")  # what later stages write there
+    again = prep(src / "results", path=str(src))
+    assert again.root == first.root  # the listing hash ignores the results folder
+    assert first.counts == {"train": 5, "val": 1} and first.defects == {}
+
+
 def test_moved_results_dir_gets_its_data_yaml_path_fixed(tmp_path):
     small_synthetic(tmp_path / "r")
     (tmp_path / "r").rename(tmp_path / "moved")

@@ -25,7 +25,7 @@ import yaml
 from filelock import FileLock
 
 from pipeline.datasets.build import REPORT_JSON, convert, write_report
-from pipeline.datasets.fs import listing_hash
+from pipeline.datasets.fs import RESULTS_MARKER, listing_hash
 from pipeline.manifest import atomic_write_text
 
 # Bump when the converter's output or the synthetic generator changes: old copies are rebuilt.
@@ -129,6 +129,7 @@ def prepare(cfg_dataset: Any, results_dir: Path, seed: int, log: logging.Logger)
 
     datasets_dir = Path(results_dir).resolve() / "datasets"
     datasets_dir.mkdir(parents=True, exist_ok=True)
+    (datasets_dir.parent / RESULTS_MARKER).touch()
     path = _get(cfg_dataset, "path")
     name = str(_get(cfg_dataset, "name", "synthetic") or "synthetic")
     val_fraction = float(_get(cfg_dataset, "val_fraction", 0.2))

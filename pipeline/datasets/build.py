@@ -127,7 +127,12 @@ def _process(job: _Job, source: Source, out: Path) -> _Outcome:
             continue
         lines.append(line)
         result.boxes[cls] += 1
-    write_image(item.image, out / "images" / job.split / f"{job.stem}{check.suffix(item.image)}", check)
+    try:
+        write_image(item.image, out / "images" / job.split / f"{job.stem}{check.suffix(item.image)}", check)
+    except (OSError, SyntaxError, ValueError) as exc:  # header was fine, the pixels are not
+        d.add("unreadable_image", f"{printable(item.key)}: {type(exc).__name__}: {exc}")
+        result.boxes.clear()
+        return result
     if lines:
         (out / "labels" / job.split / f"{job.stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     result.written = True

@@ -11,6 +11,9 @@ from pathlib import Path
 
 # Files that change without the dataset changing: Ultralytics' label caches, OS droppings.
 _IGNORED_SUFFIXES = (".cache", ".lock")
+# prepare() marks the results folder with this file: a walk never descends into one, so a results
+# folder kept inside the dataset folder is neither imported nor part of the listing hash.
+RESULTS_MARKER = ".yolo-tao-pipeline-results"
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f\ufffd]+")
 
 
@@ -24,7 +27,7 @@ class Tree:
 
 
 def walk(root: Path, skip: tuple[Path, ...] = ()) -> Tree:
-    """Files under `root`; symlinked folders are followed once (cycles cut), dot-names skipped."""
+    """Files under `root`; symlinked folders are followed once (cycles cut), dot-names and results folders skipped."""
     tree = Tree(root)
     skip_real = {os.path.realpath(s) for s in skip}
     seen = {os.path.realpath(root)}
@@ -33,7 +36,7 @@ def walk(root: Path, skip: tuple[Path, ...] = ()) -> Tree:
         for d in sorted(dirnames):
             full = os.path.join(dirpath, d)
             real = os.path.realpath(full)
-            if d.startswith(".") or real in seen or real in skip_real:
+            if d.startswith(".") or real in seen or real in skip_real or os.path.exists(os.path.join(full, RESULTS_MARKER)):
                 continue
             seen.add(real)
             if os.path.islink(full):

@@ -1,8 +1,8 @@
 """Image checks that avoid decoding what is intact, and the one writer of images into a dataset.
 
-A JPEG that ends with its end-of-image marker and a PNG that ends with its IEND chunk are taken
-as whole after a header read (PIL `Image.open` reads only the header); anything else is decoded
-once to find out. Images Ultralytics would read wrongly or not at all (CMYK, 16-bit, palette,
+A JPEG that ends with its end-of-image marker is taken as whole after a header read (PIL
+`Image.open` reads only the header); a PNG that ends with its IEND chunk after its chunk
+checksums are verified (a read, no decompression); anything else is decoded once to find out. Images Ultralytics would read wrongly or not at all (CMYK, 16-bit, palette,
 GIF...) are converted to 8-bit RGB; the rest are hard-linked (copied across filesystems).
 """
 
@@ -78,6 +78,18 @@ def _decodes(path: Path) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
+def _verifies(path: Path) -> str | None:
+    """None when PIL's verify() (PNG chunk CRCs) passes, else its complaint."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                im.verify()
+        return None
+    except Exception as exc:  # PIL raises SyntaxError, OSError... for broken chunks
+        return f"{type(exc).__name__}: {exc}"
+
+
 def inspect(path: Path) -> ImageCheck:
     """Size and fate of one image, reading only its header and last bytes when it is intact."""
     try:
@@ -98,6 +110,11 @@ def inspect(path: Path) -> ImageCheck:
         intact = _tail(path, 2) == _JPEG_END
     elif fmt == "PNG":
         intact = _tail(path, len(_PNG_END)) == _PNG_END
+        # Chunk checksums cost a read, no decompression; Ultralytics' own check (verify) would
+        # otherwise drop a corrupt PNG silently at training time.
+        problem = _verifies(path) if intact else None
+        if problem is not None:
+            return ImageCheck(w, h, "skip", "unreadable_image", problem, fmt)
     else:
         intact = False  # no cheap end check: decode
     if not intact:

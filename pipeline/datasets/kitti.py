@@ -40,7 +40,10 @@ def kitti_reader(root: Path, class_ids: dict[str, int]) -> LabelReader:
             defects.add("image_without_label", item.key)
             return []
         where = printable(os.path.relpath(item.label, root))
-        text = decode_label(item.label.read_bytes())
+        try:
+            text = decode_label(item.label.read_bytes())
+        except OSError as exc:
+            text, where = None, f"{where} ({exc.strerror})"
         if text is None:
             defects.add("unreadable_label", where)
             return None

@@ -141,7 +141,7 @@ class YoloImporter:
         base = self.yaml_file.parent
         value = self.data.get("path")
         if not value:
-            return base
+            return base.resolve()
         p = Path(str(value)).expanduser()
         for candidate in ([p] if p.is_absolute() else [base / p, Path.cwd() / p]):
             if candidate.is_dir():
