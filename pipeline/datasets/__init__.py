@@ -140,9 +140,10 @@ def prepare(cfg_dataset: Any, results_dir: Path, seed: int, log: logging.Logger)
         importer = None
     else:
         importer = open_source(str(path), str(_get(cfg_dataset, "format", "auto")))
+        source_path = Path(os.path.abspath(Path(str(path)).expanduser()))
         if name == "synthetic":
-            name = _source_name(Path(str(path)).expanduser().absolute())
-        config = {"kind": "import", "path": str(Path(str(path)).expanduser().absolute()), "format": importer.format,
+            name = _source_name(source_path)
+        config = {"kind": "import", "path": str(source_path), "format": importer.format,
                   "val_fraction": val_fraction, "seed": seed, "version": LAYOUT_VERSION}
         digest = listing_hash(importer.roots(), json.dumps(config, sort_keys=True))
     name = _safe_name(name)

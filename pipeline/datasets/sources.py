@@ -8,6 +8,7 @@ the image size is known.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,7 @@ def open_source(path_value: str, fmt: str) -> Importer:
     if not path.exists():
         raise UserError(f"dataset.path={path_value} does not exist; give a dataset folder or file "
                         "(or leave dataset.path unset for the embedded synthetic dataset)")
-    path = path.absolute()
+    path = Path(os.path.abspath(path))  # absolute, ".." folded, symlinks kept
     if fmt == "auto":
         fmt = detect(path)
     importers = {"yolo": YoloImporter, "darknet": DarknetImporter, "kitti": KittiImporter, "coco": CocoImporter}
