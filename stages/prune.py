@@ -1,0 +1,151 @@
+"""stage=prune: structured channel pruning at a threshold, with NVIDIA TAO's semantics.
+
+The input model (newest train output, or `prune.input`) is cut with `pipeline.pruning`: L2 filter
+norms, `prune.normalizer`, `prune.equalization` over coupled layers, keep score > `prune.pth`,
+at least `prune.min_filters`, rounded up to `prune.granularity`; `prune.excluded_layers` groups
+untouched. `prune.mode=target` finds the pth that keeps `prune.target_params_ratio` of the
+parameters instead.
+
+Outputs: `model` model.pt (the pruned module pickled in an Ultralytics checkpoint: loads with
+`YOLO(path)` and `pipeline.models.load_model`), `layers` layers.csv (every conv: channels before
+and after). Metrics: params, gflops, size_mb, kept_params_ratio (pruned / original),
+kept_flops_ratio, pth, mode and, with `prune.evaluate`, mAP50 / mAP50_95 right after pruning
+(expect a drop until retrain).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.context import StageContext, StageResult
+from pipeline.evaluation import model_imgsz
+from pipeline.manifest import atomic_write_text
+from pipeline.models import load_checkpoint, load_model, model_figures, save_checkpoint
+from pipeline.pruning import ChannelPruner, layer_channels
+
+TARGET_TOLERANCE = 0.05  # |kept_params_ratio - target| the target mode promises
+
+
+def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
+    pc = cfg.prune
+    src = ctx.input_path("model")
+    ckpt = load_checkpoint(src)
+    model = load_model(src)
+    size = model_imgsz(src) or 640
+    imgsz = max(size) if isinstance(size, list) else int(size)
+    before = model_figures(model, imgsz)
+
+    t0 = time.perf_counter()
+    pruner = ChannelPruner(model, normalizer=str(pc.normalizer), equalization=str(pc.equalization),
+                           excluded_layers=list(pc.excluded_layers))
+    channels_before = layer_channels(model)
+    rule = {"granularity": int(pc.granularity), "min_filters": int(pc.min_filters)}
+    if pc.mode == "target":
+        pth, predicted = pruner.find_pth(float(pc.target_params_ratio), **rule)
+        ctx.log.info("target kept_params_ratio %.3f -> pth %.4f (predicted ratio %.4f)",
+                     pc.target_params_ratio, pth, predicted)
+    else:
+        pth = float(pc.pth)
+    plan = pruner.plan(pth, **rule)
+    pruner.apply(plan)
+    seconds = time.perf_counter() - t0
+    skipped = [g for g in pruner.groups if g.excluded_by]
+    ctx.log.info("pruned %d of %d channel groups in %.1f s (%d never pruned: %s)", len(plan), len(pruner.groups),
+                 seconds, len(skipped), "; ".join(g.excluded_by for g in skipped[:5]) or "-")
+
+    _check_forward(model, imgsz)
+    out = ctx.run_dir / "model.pt"
+    save_checkpoint(model, out, extra={
+        "train_args": dict(ckpt.get("train_args") or {}),
+        "pruning": {"mode": str(pc.mode), "pth": pth, "normalizer": str(pc.normalizer),
+                    "equalization": str(pc.equalization), "granularity": int(pc.granularity),
+                    "min_filters": int(pc.min_filters), "excluded_layers": list(pc.excluded_layers),
+                    "source": str(src)},
+    })
+    layers_csv = ctx.run_dir / "layers.csv"
+    atomic_write_text(layers_csv, _layers_table(channels_before, layer_channels(model)))
+
+    after = model_figures(model, imgsz, out)
+    kept_params = after["params"] / before["params"]
+    metrics: dict[str, Any] = {
+        **after,
+        "kept_params_ratio": round(kept_params, 4),
+        "kept_flops_ratio": round(after["gflops"] / before["gflops"], 4) if before["gflops"] else None,
+        "pth": round(pth, 6),
+        "mode": str(pc.mode),
+        "params_before": before["params"],
+        "gflops_before": before["gflops"],
+        "groups_pruned": len(plan),
+        "groups_total": len(pruner.groups),
+        "imgsz": imgsz,
+        "prune_seconds": round(seconds, 3),
+        "mAP50": None,
+        "mAP50_95": None,
+    }
+    if pc.mode == "target":
+        metrics["target_params_ratio"] = float(pc.target_params_ratio)
+        if abs(kept_params - pc.target_params_ratio) > TARGET_TOLERANCE:
+            ctx.warn(f"prune.target_params_ratio={pc.target_params_ratio}: the closest reachable kept_params_ratio "
+                     f"is {kept_params:.3f} (pth {pth:.4f}); granularity={pc.granularity} and "
+                     f"min_filters={pc.min_filters} set the steps and the floor")
+    if kept_params == 1.0:
+        ctx.warn(f"prune.pth={pth:g} removed no channel: every group's normalised scores are above it "
+                 "(or min_filters / granularity keep them); raise prune.pth or use prune.mode=target")
+    if pc.evaluate:
+        from pipeline.evaluation import evaluate
+
+        ec = cfg.evaluate
+        result = evaluate(out, ctx.dataset().data_yaml, imgsz=imgsz, batch=int(ec.batch), conf=float(ec.conf),
+                          iou=float(ec.iou), device=ctx.device)
+        metrics.update({k: result[k] for k in ("mAP50", "mAP50_95", "precision", "recall") if k in result})
+    _print_table(ctx, before, metrics, _upstream_map(ctx))
+    return StageResult(outputs=[("model", out), ("layers", layers_csv)], metrics=metrics)
+
+
+def _check_forward(model: torch.nn.Module, imgsz: int) -> None:
+    """A pruned model that cannot run is a bug here, not a file for the next stage to trip on."""
+    with torch.no_grad():
+        y = model.eval()(torch.zeros(1, 3, imgsz, imgsz))
+    y = y[0] if isinstance(y, (list, tuple)) else y
+    if not torch.isfinite(y).all():
+        raise RuntimeError("the pruned model produces non-finite outputs")
+
+
+def _layers_table(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "channels_before", "channels_after", "in_channels_before", "in_channels_after"])
+    for name, (cin, cout) in before.items():
+        ain, aout = after.get(name, (cin, cout))
+        w.writerow([name, cout, aout, cin, ain])
+    return buf.getvalue()
+
+
+def _upstream_map(ctx: StageContext) -> float | None:
+    """mAP50-95 the input model had, from the record that produced it (None when unknown)."""
+    producer = ctx.input_entry("model").get("produced_by")
+    record = ctx.manifest.get(producer) if producer else None
+    return (record or {}).get("metrics", {}).get("mAP50_95")
+
+
+def _print_table(ctx: StageContext, before: dict[str, Any], m: dict[str, Any], map_before: float | None) -> None:
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    rows = [
+        ("", "before", "after", "kept"),
+        ("params", f"{before['params']:,}", f"{m['params']:,}", f"{m['kept_params_ratio']:.3f}"),
+        ("GFLOPs", f"{before['gflops']:.3f}", f"{m['gflops']:.3f}", fmt(m["kept_flops_ratio"], ".3f")),
+        ("mAP50-95", fmt(map_before, ".4f"), fmt(m["mAP50_95"], ".4f"), ""),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    title = f"prune ({m['mode']}, pth={m['pth']:.4g}, imgsz={m['imgsz']})"
+    lines = [title] + ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    ctx.log.info("\n".join(lines))
+
