@@ -1,0 +1,231 @@
+"""stage=engine: ONNX Runtime INT8, OpenVINO (QDQ -> INT8, FP32 parity, NNCF PTQ), backend choice, TensorRT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from conftest import REPO, run_cli
+from test_export import IMGSZ, _onnx_of, float_export, qat_export, qat_pt, stage  # noqa: F401 (fixtures)
+
+from pipeline.engines import onnxruntime as ortb
+from pipeline.engines import openvino as ovb
+from pipeline.engines import select_backend
+from pipeline.engines import tensorrt as trtb
+from pipeline.engines.common import (
+    calibration_set,
+    decode_layer,
+    folder_images,
+    keep_float,
+    load_batch,
+    onnx_metadata,
+)
+from pipeline.errors import UserError
+from pipeline.manifest import Manifest
+
+log = logging.getLogger("test")
+
+
+def _out(results: Path, record: dict, role: str = "model") -> Path:
+    return Manifest(results).abs(next(o for o in record["outputs"] if o["role"] == role)["path"])
+
+
+def _val_batch(data_yaml: Path, n: int = 4) -> np.ndarray:
+    return load_batch(folder_images(data_yaml.parent / "images" / "val")[:n], (IMGSZ, IMGSZ))
+
+
+def test_onnxruntime_int8_engine_runs_and_is_evaluated(float_export, tiny_data_yaml):  # noqa: F811
+    results, _ = float_export
+    record = stage(results, "engine", "engine.backend=onnxruntime", "engine.precision=int8",
+                   f"dataset.path={tiny_data_yaml.parent}", "dataset.name=tiny")
+    m = record["metrics"]
+    assert record["status"] == "succeeded" and m["backend"] == "onnxruntime"
+    assert m["executed_precision"] == "int8" and m["int8_layers"] > 50  # read back from ORT's optimised graph
+    assert 0.0 <= m["mAP50_95"] <= 1.0 and "source_mAP50_95" in m and m["latency_ms"] > 0
+    assert m["calib_images"] == 16 and m["calib_source"].startswith("train split")
+    assert m["params"] > 3_000_000 and m["size_mb"] < 0.5 * float_export[1]["metrics"]["size_mb"]
+
+    path = _out(results, record)
+    assert onnx_metadata(path)["names"] == {0: "red", 1: "blue"}  # loads like the float model
+    graph = onnx.load(str(path)).graph
+    head = decode_layer(n.name for n in graph.node)
+    decode = [n for n in graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and keep_float(n.name, head)]
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    # Nothing the Detect decode computes (DFL, boxes in pixels next to scores) is ever quantised ...
+    assert decode and not quantized & {o for n in decode for o in n.output}
+    # ... while the head's class branch convolutions are.
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert any(set(n.input) & dequantized for n in graph.node if f"/model.{head}/cv3." in n.name and n.op_type == "Conv")
+
+
+def test_openvino_runs_a_qdq_model_as_int8(qat_export, tiny_data_yaml):  # noqa: F811
+    results, _ = qat_export
+    record = stage(results, "engine", "engine.backend=openvino", f"dataset.path={tiny_data_yaml.parent}",
+                   "dataset.name=tiny")
+    m = record["metrics"]
+    assert m["qdq_input"] and m["quantization"].startswith("qat") and "calib_images" not in m  # no recalibration
+    assert m["executed_precision"] == "int8" and m["int8_layers"] > 0 and m["runtime_precisions"].get("u8", 0) > 0
+    assert 0.0 <= m["mAP50_95"] <= 1.0 and m["latency_ms"] > 0 and m["openvino_version"] and m["cpu_model"]
+    roles = {o["role"]: o for o in record["outputs"]}
+    assert set(roles) == {"model", "ir_xml", "ir_bin"} and all(len(o["sha256"]) == 64 for o in roles.values())
+    manifest = Manifest(results)
+    for entry in roles.values():
+        manifest.verify_artifact(entry)  # evaluating the folder left it untouched
+    folder = _out(results, record)
+    assert folder.name.endswith("_openvino_model")
+    assert yaml.safe_load((folder / "metadata.yaml").read_text())["names"] == {0: "red", 1: "blue"}
+
+
+def test_openvino_fp32_matches_onnxruntime_on_the_same_batch(float_export, tiny_data_yaml, tmp_path):  # noqa: F811
+    src = _onnx_of(*float_export)
+    folder = tmp_path / "fp32_openvino_model"
+    ovb.build(src, folder, "fp32", False, None, onnx_metadata(src), log)
+    x = _val_batch(tiny_data_yaml)
+    compiled = ovb.compile_static(folder / "model.xml", x.shape, 2)
+    assert ovb.executed_precision(compiled)["executed_precision"] == "fp32"
+    ref = ortb.run(ortb.session(src), x)
+    assert np.abs(ovb.infer(compiled, x) - ref).max() <= 1e-3
+
+
+def test_openvino_int8_ptq_calibrates_on_real_images_and_keeps_decode_float(float_export, tiny_data_yaml):  # noqa: F811
+    results, _ = float_export
+    record = stage(results, "engine", "engine.backend=openvino", "engine.precision=int8", "engine.evaluate=false",
+                   f"dataset.path={tiny_data_yaml.parent}", "dataset.name=tiny")
+    m = record["metrics"]
+    assert m["quantization"] == "nncf ptq" and m["executed_precision"] == "int8" and m["calib_images"] == 16
+    compiled = ovb.compile_static(_out(results, record) / "model.xml", (1, 3, IMGSZ, IMGSZ), 2)
+    dfl = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+           if "/dfl/" in op.get_rt_info()["originalLayersNames"].astype(str)
+           and op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+    assert dfl == ["f32"]
+
+
+def test_auto_picks_tensorrt_then_openvino_then_onnxruntime(monkeypatch):
+    monkeypatch.setattr(trtb, "available", lambda: (True, "TensorRT 10.9 imports and a CUDA GPU is present"))
+    assert select_backend("auto")[0] == "tensorrt"
+    monkeypatch.setattr(trtb, "available", lambda: (False, "no CUDA GPU is visible"))
+    monkeypatch.setattr(ovb, "available", lambda: True)
+    backend, why = select_backend("auto")
+    assert backend == "openvino" and "no CUDA GPU" in why
+    monkeypatch.setattr(ovb, "available", lambda: False)
+    backend, why = select_backend("auto")
+    assert backend == "onnxruntime" and "OpenVINO does not import" in why
+    assert select_backend("openvino") == ("openvino", "engine.backend=openvino")
+
+
+def test_openvino_missing_exits_2(float_export):  # noqa: F811
+    results, _ = float_export
+    code = ("import sys; sys.modules['openvino'] = None\n"
+            "from pipeline.__main__ import main\n"
+            f"sys.argv = ['pipeline', 'stage=engine', 'experiment=smoke', 'results_dir={results}', "
+            "'engine.backend=openvino']\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "pip install openvino" in proc.stderr and "engine.backend=onnxruntime" in proc.stderr
+
+
+@pytest.mark.skipif(trtb.available()[0], reason="TensorRT and a GPU are present here")
+def test_tensorrt_missing_exits_2_with_how_to_get_it(float_export):  # noqa: F811
+    results, _ = float_export
+    proc = run_cli("stage=engine", "experiment=smoke", f"results_dir={results}", "engine.backend=tensorrt", timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for hint in ("`gpu` extra", "Docker image", "engine.backend=openvino", "engine.backend=onnxruntime"):
+        assert hint in proc.stderr
+
+
+def test_calibration_uses_real_images_or_refuses(tiny_data_yaml, tmp_path):
+    ctx = SimpleNamespace(dataset=lambda: SimpleNamespace(data_yaml=tiny_data_yaml), log=log, warnings=[])
+    ctx.warn = ctx.warnings.append
+    cfg = SimpleNamespace(seed=0, engine=SimpleNamespace(calib_dir=None, calib_images=10, calib_batch=4))
+    calib = calibration_set(cfg, ctx, (IMGSZ, IMGSZ))
+    assert len(calib) == 10 and all(p.parent.name == "train" for p in calib.paths)
+    batches = list(calib.batches())
+    assert [len(b) for b in batches] == [4, 4, 2] and float(batches[0].std()) > 0.05
+    cfg.engine.calib_images = 1000
+    assert len(calibration_set(cfg, ctx, (IMGSZ, IMGSZ))) == 24 and ctx.warnings  # all it has, loudly
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "missing"):
+        cfg.engine.calib_dir = str(folder)
+        with pytest.raises(UserError, match="engine.calib_dir"):
+            calibration_set(cfg, ctx, (IMGSZ, IMGSZ))
+
+
+def test_decode_rule_keeps_head_decode_and_nms_float():
+    names = ["/model.0/conv/Conv", "/model.21/cv2/conv/Conv", "/model.22/cv2.0/cv2.0.2/Conv",
+             "/model.22/cv3.1/cv3.1.0/conv/Conv", "/model.22/dfl/conv/Conv", "/model.22/Sigmoid", "/model.22/Concat_3",
+             "/model/model.22/cv3.2/cv3.2.2/Conv", "/NonMaxSuppression"]
+    head = decode_layer(names)
+    assert head == 22
+    assert [keep_float(n, head) for n in names] == [False, False, False, False, True, True, True, False, True]
+
+
+def test_openvino_and_nncf_do_not_phone_home(float_export, tmp_path):  # noqa: F811
+    src = _onnx_of(*float_export)
+    net_log = tmp_path / "net.log"
+    # Telemetry sends from forked processes, so the trap appends to a file that children share.
+    script = textwrap.dedent(f"""
+        import socket, sys
+        def trap(*args, **kwargs):
+            open({str(net_log)!r}, "a").write(repr(args[:2]) + "\\n")
+            raise OSError("network blocked by test")
+        socket.getaddrinfo = trap
+        socket.socket.connect = lambda self, addr: trap(addr)
+        sys.path.insert(0, {str(REPO)!r})
+        import pipeline  # noqa: F401
+        import numpy as np, openvino as ov, nncf
+        model = ov.convert_model({str(src)!r})
+        model.reshape([1, 3, {IMGSZ}, {IMGSZ}])
+        data = nncf.Dataset([np.full((1, 3, {IMGSZ}, {IMGSZ}), v, np.float32) for v in (0.2, 0.8)])
+        nncf.quantize(model, data, subset_size=2)
+        ov.Core().compile_model(ov.Core().read_model({str(src)!r}), "CPU")
+        print("done")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
+    assert not net_log.exists(), net_log.read_text()
+
+
+# -- TensorRT (GPU hosts and the Docker image only) --------------------------------------------
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not trtb.available()[0], reason=f"TensorRT not usable: {trtb.available()[1]}")
+def test_tensorrt_engine_records_its_build_and_refuses_others(float_export, tiny_data_yaml, precision):  # noqa: F811
+    results, _ = float_export
+    record = stage(results, "engine", "engine.backend=tensorrt", f"engine.precision={precision}",
+                   f"dataset.path={tiny_data_yaml.parent}", "dataset.name=tiny")
+    m = record["metrics"]
+    assert m["tensorrt_version"] and m["gpu_name"] and m["compute_capability"]
+    assert m["latency_ms"] > 0 and 0.0 <= m["mAP50_95"] <= 1.0
+    sidecar = json.loads(_out(results, record, "sidecar").read_text())
+    assert sidecar["tensorrt_version"] == m["tensorrt_version"] and sidecar["precision"] == precision
+    if precision == "int8":
+        assert _out(results, record, "calib_cache").stat().st_size > 0
+    engine = _out(results, record)
+    trtb.check_compatible(engine)
+    offset, meta = trtb._header(engine)
+    meta["pipeline"]["tensorrt_version"] = "0.0.0"
+    header = json.dumps(meta).encode()
+    forged = engine.with_name("other.engine")
+    forged.write_bytes(len(header).to_bytes(4, "little") + header + engine.read_bytes()[offset:])
+    with pytest.raises(UserError, match="rebuild it"):
+        trtb.check_compatible(forged)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.skipif(not trtb.available()[0], reason=f"TensorRT not usable: {trtb.available()[1]}")
+def test_tensorrt_builds_a_qdq_model_strongly_typed(qat_export, tiny_data_yaml):  # noqa: F811
+    results, _ = qat_export
+    record = stage(results, "engine", "engine.backend=tensorrt", f"dataset.path={tiny_data_yaml.parent}",
+                   "dataset.name=tiny")
+    assert record["metrics"]["strongly_typed"] is True and "calib_images" not in record["metrics"]
