@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import onnx
 import pytest
@@ -120,3 +121,75 @@ def test_collapse_guard_warns_below_half_with_both_numbers(tmp_path):
     assert ctx.warnings == []
     _collapse_guard(ctx, 0.05)
     assert len(ctx.warnings) == 1 and "0.0500" in ctx.warnings[0] and "0.6000" in ctx.warnings[0]
+
+
+# -- the stage, through the CLI -----------------------------------------------------------------
+
+def _hand_pruned(tiny_model_pt, path):
+    """yolov8n with half of layer 0's filters removed: an architecture its YAML would not rebuild."""
+    import torch_pruning as tp
+
+    model = load_model(tiny_model_pt)
+    first, second = model.model[0], model.model[1]
+    drop = list(range(first.conv.out_channels // 2))
+    tp.prune_conv_out_channels(first.conv, drop)
+    tp.prune_batchnorm_out_channels(first.bn, drop)
+    tp.prune_conv_in_channels(second.conv, drop)
+    assert count_params(model) < count_params(load_model(tiny_model_pt))
+    return save_checkpoint(model, path), count_params(model)
+
+
+def _retrain(results_dir, *overrides):
+    from conftest import run_cli
+
+    proc = run_cli("stage=retrain", "experiment=smoke", f"results_dir={results_dir}", "retrain.imgsz=64",
+                   "dataset.synthetic_train=16", "dataset.synthetic_val=8", "dataset.synthetic_classes=2", *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = Manifest(results_dir).succeeded("retrain")[-1]
+    return record, {o["role"]: Path(results_dir) / o["path"] for o in record["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_model_pt, tmp_path_factory):
+    return _hand_pruned(tiny_model_pt, tmp_path_factory.mktemp("pruned") / "pruned.pt")
+
+
+@pytest.fixture(scope="module")
+def qat_run(pruned, tmp_path_factory):
+    results = tmp_path_factory.mktemp("qat_run") / "results"
+    return _retrain(results, f"retrain.input={pruned[0]}")
+
+
+def test_retrain_qat_keeps_pruned_architecture_and_records_quantisation(pruned, qat_run):
+    record, outputs = qat_run
+    m = record["metrics"]
+    assert m["params"] == pruned[1] == count_params(load_model(outputs["model"]))
+    assert count_params(load_model(outputs["float_model"])) == pruned[1]
+    assert m["qat"] is True and m["quant_bits"] == 8 and m["quant_weights"] == "per_channel"
+    assert m["quant_activations"] == "per_tensor" and m["quant_calib_batches"] == 2
+    for key in ("mAP50", "mAP50_95", "mAP50_95_after_load", "mAP50_95_float", "gflops", "size_mb"):
+        assert isinstance(m[key], float) and m[key] >= 0, key
+    assert m["epochs"] == 1 and m["qat_epochs"] == 1
+    assert qat.checkpoint_is_qat(outputs["model"]) and not qat.checkpoint_is_qat(outputs["float_model"])
+    assert outputs["qat_log"].exists() and outputs["float_curves"].exists()
+
+
+def test_retrain_qat_output_exports_qdq_onnx(qat_run):
+    _, outputs = qat_run
+    assert _qdq_nodes(_export_onnx(outputs["model"])) > 50
+
+
+def test_retrain_float_only_has_no_quantisers(pruned, tmp_path):
+    record, outputs = _retrain(tmp_path / "results", f"retrain.input={pruned[0]}", "retrain.qat=false")
+    m = record["metrics"]
+    assert m["qat"] is False and "quant_bits" not in m and m["params"] == pruned[1]
+    assert set(outputs) == {"model", "float_log", "float_curves"}
+    assert not qat.checkpoint_is_qat(outputs["model"]) and not qat.is_quantised(qat.load(outputs["model"]))
+
+
+def test_retrain_refuses_nothing_to_train(pruned, tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("stage=retrain", "experiment=smoke", f"results_dir={tmp_path}", f"retrain.input={pruned[0]}",
+                   "retrain.epochs=0", "retrain.qat=false")
+    assert proc.returncode == 2 and "retrain.epochs=0" in proc.stderr + proc.stdout
