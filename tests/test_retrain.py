@@ -193,3 +193,22 @@ def test_retrain_refuses_nothing_to_train(pruned, tmp_path):
     proc = run_cli("stage=retrain", "experiment=smoke", f"results_dir={tmp_path}", f"retrain.input={pruned[0]}",
                    "retrain.epochs=0", "retrain.qat=false")
     assert proc.returncode == 2 and "retrain.epochs=0" in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_smoke_chain_train_prune_retrain(tmp_path):
+    """train -> prune (half the parameters) -> retrain with QAT through the CLI: the pruned architecture survives."""
+    from conftest import run_cli
+
+    results = tmp_path / "results"
+    for stage in ("stage=train", "stage=prune prune.mode=target prune.target_params_ratio=0.5", "stage=retrain"):
+        proc = run_cli(*stage.split(), "experiment=smoke", f"results_dir={results}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = Manifest(results)
+    train, prune, retrain = (manifest.succeeded(s)[-1] for s in ("train", "prune", "retrain"))
+    assert retrain["inputs"][0]["produced_by"] == prune["run_id"]
+    assert prune["metrics"]["params"] < 0.7 * train["metrics"]["params"]
+    assert retrain["metrics"]["params"] == prune["metrics"]["params"]
+    assert retrain["metrics"]["qat"] is True
+    model = next(o for o in retrain["outputs"] if o["role"] == "model")
+    assert qat.checkpoint_is_qat(results / model["path"])
