@@ -168,6 +168,13 @@ def test_fixed_and_counted(tmp_path, case, files, expected, n_images):
             assert 0 <= cx - w / 2 + 1e-6 and cx + w / 2 <= 1 + 1e-6 and 0 <= cy - h / 2 + 1e-6 and cy + h / 2 <= 1 + 1e-6
 
 
+def test_unreadable_image_with_ultralytics_imported(tmp_path):
+    import ultralytics.utils.patches  # noqa: F401  (patches PIL.Image.open: unidentified -> HEIF plugin import)
+
+    info = prep(darknet(tmp_path / "src", {"x.jpg": b"not an image", "x.txt": f"0 {BOX}\n"}))
+    assert info.defects == {"unreadable_image": 1}
+
+
 def test_conversions_write_8bit_rgb(tmp_path):
     files = {"c.jpg": encoded(Image.new("CMYK", (64, 48), (0, 50, 100, 0)), "JPEG"), "c.txt": f"0 {BOX}\n",
              "s.png": png("I;16"), "s.txt": f"0 {BOX}\n", "p.png": png("P"), "p.txt": f"0 {BOX}\n",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile
 
 # Extensions picked up as images when a folder is scanned (more than Ultralytics reads: the
 # ones it cannot read are converted).
@@ -100,7 +100,10 @@ def inspect(path: Path) -> ImageCheck:
             with Image.open(path) as im:
                 fmt, (w, h), mode = im.format or "", im.size, im.mode
                 rawmode = im.tile[0].args if im.tile and isinstance(im.tile[0].args, str) else ""
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:
+        # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...; once ultralytics
+        # is imported, its Image.open patch turns an unidentified file into an ImportError (it
+        # tries the optional HEIF plugin). All mean the same here: this file is not an image.
         return ImageCheck(action="skip", defect="unreadable_image", detail=f"{type(exc).__name__}: {exc}")
     check = ImageCheck(width=w, height=h, format=fmt)
     if w < MIN_SIDE or h < MIN_SIDE:
