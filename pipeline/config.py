@@ -101,7 +101,7 @@ class EvaluateConfig:
 class PruneConfig:
     input: str | None = None  # model to prune (default: newest train output)
     mode: str = "threshold"  # threshold (TAO's pth) | target (reach target_params_ratio)
-    pth: float = 0.1  # keep filters whose normalised L2 norm > pth (max normaliser: 0..1; L2: may exceed 1)
+    pth: float = 0.1  # keep filters whose normalised L2 norm > pth
     target_params_ratio: float = 0.5  # kept params / original params, for mode=target
     normalizer: str = "max"  # max | L2
     equalization: str = "union"  # union | intersection | arithmetic_mean | geometric_mean
@@ -256,7 +256,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "retrain.qat_epochs": (0, 100000),
     "retrain.batch": (1, 4096),
     "retrain.imgsz": (32, 8192),
-    "prune.pth": (0.0, 1000.0),  # TAO allows any pth >= 0; with normalizer=L2 scores exceed 1
+    "prune.pth": (0.0, 1.0),
     "prune.target_params_ratio": (0.0, 1.0),
     "prune.granularity": (1, 4096),
     "prune.min_filters": (1, 4096),
