@@ -241,6 +241,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _RANGES: dict[str, tuple[float, float]] = {
     "dataset.val_fraction": (0.0, 0.9),
     "dataset.synthetic_classes": (1, 5),
+    "dataset.synthetic_train": (1, 10_000_000),
+    "dataset.synthetic_val": (1, 10_000_000),
+    "dataset.synthetic_unlabeled": (0, 10_000_000),
+    "dataset.synthetic_imgsz": (32, 8192),
     "kmeans.num_clusters": (1, 64),
     "kmeans.width": (8, 8192),
     "kmeans.height": (8, 8192),
