@@ -337,9 +337,11 @@ def test_cli_refuses_with_exit_2(tmp_path, case):
     assert len(errors) == 1 and re.search(pattern, errors[0]), proc.stderr
 
 
-def test_cli_bad_format_value_exit_2(tmp_path):
-    proc = run_cli("stage=dataset", "experiment=smoke", f"results_dir={tmp_path}", "dataset.format=voc", timeout=300)
-    assert proc.returncode == 2 and "dataset.format" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("override", ["dataset.format=voc", "dataset.synthetic_train=0"])
+def test_cli_bad_dataset_value_exit_2(tmp_path, override):
+    proc = run_cli("stage=dataset", "experiment=smoke", f"results_dir={tmp_path}", override, timeout=300)
+    key = override.split("=")[0]
+    assert proc.returncode == 2 and f"error: {key}=" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_every_defect_kind_is_covered():
