@@ -82,6 +82,7 @@ def test_openvino_runs_a_qdq_model_as_int8(qat_export, tiny_data_yaml):  # noqa:
         manifest.verify_artifact(entry)  # evaluating the folder left it untouched
     folder = _out(results, record)
     assert folder.name.endswith("_openvino_model")
+    assert (folder / "model.bin").stat().st_size < 0.5 * _onnx_of(*qat_export).stat().st_size  # INT8 weights
     assert yaml.safe_load((folder / "metadata.yaml").read_text())["names"] == {0: "red", 1: "blue"}
 
 
