@@ -83,6 +83,7 @@ class TrainConfig:
     close_mosaic: int = 10
     cache: bool = False  # cache decoded images in RAM
     plots: bool = True
+    nbs: int = 64  # nominal batch: gradients of nbs/batch batches accumulate per optimiser step (Ultralytics)
 
 
 @dataclass
@@ -186,8 +187,10 @@ class InferConfig:
     save_vis: bool = False  # write annotated images
     formats: list[str] = field(default_factory=lambda: ["yolo", "kitti"])
     review_band: list[float] = field(default_factory=lambda: [0.3, 0.5])  # uncertain best-confidence band
-    resume: bool = False  # skip images already labelled by an interrupted run
+    resume: bool = False  # skip images already labelled by the newest failed infer run on this source
     workers: int = 2  # background decode threads
+    max_det: int = 300  # most boxes kept per image after NMS
+    fast_decode: bool = True  # decode big JPEGs at 1/2-1/8 scale (libjpeg) when still >= the network input
 
 
 @dataclass
@@ -256,6 +259,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.lr0": (0.0, 10.0),
     "train.freeze": (0, 1000),
     "train.sparsity_weight": (0.0, 1.0),
+    "train.nbs": (1, 4096),
     "retrain.epochs": (0, 100000),
     "retrain.qat_epochs": (0, 100000),
     "retrain.batch": (1, 4096),
@@ -269,6 +273,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "infer.conf": (0.0, 1.0),
     "infer.iou": (0.0, 1.0),
     "infer.batch": (1, 4096),
+    "infer.workers": (1, 256),
+    "infer.max_det": (1, 100000),
     "engine.threads": (1, 1024),
     "engine.calib_images": (1, 1000000),
     "engine.calib_batch": (1, 4096),

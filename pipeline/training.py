@@ -50,7 +50,7 @@ class PipelineTrainer(DetectionTrainer):
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         """On resume, the checkpoint's own module (a pruned one would not fit its YAML)."""
-        if isinstance(weights, nn.Module):
+        if self.resume and isinstance(weights, nn.Module):
             for p in weights.parameters():
                 p.requires_grad_(True)
             return weights

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from pipeline.errors import UserError
@@ -175,12 +176,15 @@ def test_resume_continues_the_interrupted_run_in_a_new_folder(results_dir, monke
 
     monkeypatch.setattr(PipelineTrainer, "save_model", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run_stage(_smoke_cfg(results_dir), "train")
+        run_stage(_smoke_cfg(results_dir, "train.nbs=8"), "train")
     monkeypatch.setattr(PipelineTrainer, "save_model", original)
     failed = Manifest(results_dir).runs()[-1]
     assert failed["status"] == "failed"
     interrupted_last = results_dir / failed["run_dir"] / "ultralytics" / "weights" / "last.pt"
     assert torch.load(interrupted_last, weights_only=False)["epoch"] == 0
+
+    args = yaml.safe_load((results_dir / failed["run_dir"] / "ultralytics" / "args.yaml").read_text())
+    assert args["nbs"] == 8 and args["seed"] == 0  # train.* reach Ultralytics unchanged
 
     record = run_stage(_smoke_cfg(results_dir, "train.resume=true"), "train")
     assert record["status"] == "succeeded" and record["resumed_from"] == failed["run_id"]
@@ -229,3 +233,13 @@ def test_smoke_train_then_evaluate_cli(results_dir):
     assert runs[1]["inputs"][0]["produced_by"] == runs[0]["run_id"]
     missing = run_cli("stage=evaluate", *common, "evaluate.split=test")
     assert missing.returncode == 2 and "evaluate.split=test" in missing.stderr
+
+
+def test_train_device_resolution():
+    from stages.train import train_device
+
+    assert train_device("auto", "cpu") == "cpu"
+    assert train_device("cpu", "0") == "cpu"
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(UserError, match="train.device=0,1"):
+            train_device("0,1", "cpu")  # DDP needs the GPUs to be there
