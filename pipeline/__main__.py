@@ -50,8 +50,15 @@ def _interrupt(signum, frame):  # SIGTERM (Slurm preemption, docker stop) -> rec
     raise KeyboardInterrupt
 
 
+def _flags_first(argv: list[str]) -> list[str]:
+    """Let `-m` stand anywhere (`stage=all -m prune.pth=0.3,0.5`); Hydra's argparse wants it first."""
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    return flags[:1] + [a for a in argv if a not in ("-m", "--multirun")]
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
+    sys.argv[1:] = _flags_first(sys.argv[1:])
     if not CONF_DIR.is_dir():
         print(f"error: config folder {CONF_DIR} not found; install the package in editable mode (pip install -e .)",
               file=sys.stderr)
