@@ -40,7 +40,8 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if qat and e.half:
         raise UserError("export.half=true does not apply to a QAT model: its ONNX is INT8 (QuantizeLinear/"
                         "DequantizeLinear); export it with export.half=false")
-    imgsz = int(e.imgsz or (ckpt.get("train_args") or {}).get("imgsz") or 640)
+    trained = (ckpt.get("train_args") or {}).get("imgsz")
+    imgsz = int(e.imgsz or (max(trained) if isinstance(trained, (list, tuple)) else trained) or 640)
     del ckpt
     figures = model_figures(load_model(src), imgsz)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -190,9 +191,13 @@ def test_openvino_and_nncf_do_not_phone_home(float_export, tmp_path):  # noqa: F
         ov.Core().compile_model(ov.Core().read_model({str(src)!r}), "CPU")
         print("done")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    home = tmp_path / "home"  # where the telemetry would keep its client id and consent file
+    home.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HOME": str(home)})
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
     assert not net_log.exists(), net_log.read_text()
+    assert not any(home.iterdir())
 
 
 # -- TensorRT (GPU hosts and the Docker image only) --------------------------------------------
