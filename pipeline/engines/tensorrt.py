@@ -7,7 +7,8 @@ exercised by tests marked `tensorrt`/`gpu` on a GPU host or in the Docker image.
 - INT8 by PTQ calibrates with an IInt8EntropyCalibrator2 on real images (engine.calib_dir or the
   training split) and writes the calibration cache beside the engine; the Detect decode layers are
   asked to stay in FP32 (the same rule as the CPU backends).
-- A QDQ (QAT) ONNX builds as a strongly typed network: precisions and scales come from the graph.
+- A QDQ (QAT) ONNX builds as a strongly typed network (TensorRT >= 9; explicit quantization with
+  the INT8 flag on 8.6): precisions and scales come from the graph.
 - The engine file starts with Ultralytics' metadata header (so AutoBackend and the evaluator load
   it) that also records the TensorRT version and GPU it was built for; `check_compatible` refuses
   an engine built elsewhere instead of letting TensorRT fail obscurely.
@@ -127,7 +128,8 @@ def build(src: Path, out: Path, precision: str, qdq: bool, calib: CalibrationSet
                         "engine.precision=fp32, or TensorRT 10")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    if qdq:
+    strongly_typed = qdq and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT >= 9
+    if strongly_typed:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     else:
         flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
@@ -151,9 +153,12 @@ def build(src: Path, out: Path, precision: str, qdq: bool, calib: CalibrationSet
         config.add_optimization_profile(profile)
     calib_shape = shapes["opt"]  # TensorRT calibrates at the profile's opt shape
 
-    info: dict[str, Any] = {"strongly_typed": qdq}
+    info: dict[str, Any] = {"strongly_typed": strongly_typed}
     cache = out.with_suffix(".calib.cache")
-    if not qdq and precision == "fp16":
+    if qdq and not strongly_typed:  # TensorRT 8.6: explicit quantization needs the precision flags
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif not qdq and precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     elif not qdq and precision == "int8":
         if calib is None or len(calib) < calib_shape[0]:
@@ -179,7 +184,8 @@ def build(src: Path, out: Path, precision: str, qdq: bool, calib: CalibrationSet
     sidecar = {**facts, "precision": precision, "qdq": qdq, "workspace_gb": float(e.workspace_gb),
                "profile": shapes if profile is not None else {"fixed": dims}, **info}
     atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
-    return {**facts, **info, "cache": cache if cache.exists() else None, "sidecar": out.with_suffix(".json")}
+    calibrated = not qdq and precision == "int8" and cache.exists()
+    return {**facts, **info, "cache": cache if calibrated else None, "sidecar": out.with_suffix(".json")}
 
 
 def _header(path: Path) -> tuple[int, dict[str, Any]]:
