@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,23 @@ def require_modelopt() -> None:
         ) from None
 
 
+class CalibrationImages:
+    """Batches of training images for range calibration, read lazily (uint8, NCHW, letterboxed)."""
+
+    def __init__(self, dataset: Any, order: list[int], batch: int):
+        self.dataset, self.order, self.batch = dataset, order, batch
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.order), self.batch):
+            yield torch.stack([self.dataset[i]["img"] for i in self.order[start:start + self.batch]])
+
+
 def calibration_batches(data_yaml: str | Path, imgsz: int, batch: int, batches: int, seed: int = 0,
-                        stride: int = 32) -> list[torch.Tensor]:
-    """`batches` batches of training images (letterboxed to imgsz, 0..1 float), chosen with `seed`.
+                        stride: int = 32) -> CalibrationImages:
+    """`batches` batches of training images letterboxed to imgsz, chosen with `seed`.
 
     No augmentation: the ranges are for the images the deployed model will see.
     """
@@ -60,25 +75,21 @@ def calibration_batches(data_yaml: str | Path, imgsz: int, batch: int, batches: 
         raise UserError(f"the training split of {data_yaml} has no images to calibrate the quantisers on")
     n = min(len(dataset), batches * batch)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    out = []
-    for start in range(0, n, batch):
-        items = [dataset[i] for i in order[start:start + batch]]
-        out.append(torch.stack([it["img"] for it in items]).float() / 255)
-    return out
+    return CalibrationImages(dataset, order, batch)
 
 
-def prepare(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device = "cpu") -> nn.Module:
+def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.device = "cpu") -> nn.Module:
     """Insert calibrated INT8 fake-quantisers into `model` (in place); head outputs and DFL stay float."""
     require_modelopt()
     from ultralytics.utils.torch_utils import prepare_qat
 
     dev = _torch_device(device)
     model = model.to(dev).float()
-    quantised = prepare_qat(model, calib, lambda x: x.to(dev), batches=len(calib))
+    quantised = prepare_qat(model, calib, lambda x: x.to(dev).float() / 255, batches=len(calib))
     counts = quantiser_counts(quantised)
     if counts["enabled"] == 0:
         raise RuntimeError("ModelOpt inserted no enabled quantiser; the model would train in float")
-    log.info("QAT: %d quantisers enabled, %d kept in float (head outputs, DFL), calibrated on %d batches",
+    log.info("QAT: %d quantisers enabled, %d kept in float (head outputs, DFL, outputs), calibrated on %d batches",
              counts["enabled"], counts["disabled"], len(calib))
     return quantised
 

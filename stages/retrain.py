@@ -85,8 +85,12 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                                         stride=_stride(recovered))
         quantised = qat.prepare(recovered, calib, device.split(",")[0])
         if rc.qat_epochs > 0:
+            # One device: DDP workers receive the model pickled, and ModelOpt's layer classes do not pickle.
             qat_args = {**args, "epochs": int(rc.qat_epochs), "lr0": float(rc.qat_lr0), "optimizer": "SGD",
-                        "warmup_epochs": 0.0}
+                        "warmup_epochs": 0.0, "device": device.split(",")[0]}
+            if "," in device:
+                ctx.log.info("QAT phase runs on GPU %s only (quantised models cannot be sent to DDP workers)",
+                             qat_args["device"])
             result = fit(quantised, data.data_yaml, ctx.run_dir / "qat", qat_args, log=ctx.log)
             final_path, final = _move(result.best, ctx.run_dir / "model.pt"), result.metrics
             outputs += _logs(ctx.run_dir / "qat", "qat")
