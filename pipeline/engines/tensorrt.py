@@ -26,7 +26,7 @@ from pipeline.manifest import atomic_write_bytes, atomic_write_text
 
 HINT = ("TensorRT needs an NVIDIA GPU with CUDA and the TensorRT Python package: on a GPU host install the "
         "`gpu` extra (pip install 'yolo-tao-pipeline[gpu]'), or run the project's Docker image "
-        "(docker build -t yolo-tao-pipeline . && docker run --gpus all ...), whose NGC base ships TensorRT. "
+        "(docker build -t yolo-pipeline . && docker run --gpus all yolo-pipeline stage=engine ...), whose NGC base ships TensorRT. "
         "On CPUs use engine.backend=openvino (fastest on x86) or engine.backend=onnxruntime")
 MIN_VERSION = (8, 6)
 
