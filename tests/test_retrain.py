@@ -214,3 +214,17 @@ def test_smoke_chain_train_prune_retrain(tmp_path):
     assert retrain["metrics"]["qat"] is True
     model = next(o for o in retrain["outputs"] if o["role"] == "model")
     assert qat.checkpoint_is_qat(results / model["path"])
+
+
+@pytest.mark.parametrize("override", ["retrain.calib_batches=0", "retrain.qat_lr0=-1", "retrain.sparsity=l2"])
+def test_bad_retrain_values_name_the_key(override):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register, validate
+    from pipeline.errors import UserError
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", override])
+    with pytest.raises(UserError, match=override.split("=")[0].replace(".", r"\.")):
+        validate(cfg)
