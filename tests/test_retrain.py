@@ -68,7 +68,7 @@ def test_prepare_quantises_int8_per_channel_weights_and_keeps_head_outputs_float
     assert seen_output_conv
 
 
-def test_qat_checkpoint_round_trip_and_onnx_qdq(qat_checkpoint, tmp_path):
+def test_qat_checkpoint_round_trip(qat_checkpoint):
     quantised, path = qat_checkpoint
     assert qat.checkpoint_is_qat(path)
     restored = qat.load(path)
@@ -76,7 +76,6 @@ def test_qat_checkpoint_round_trip_and_onnx_qdq(qat_checkpoint, tmp_path):
     # The float view (size figures) has the same parameters and no quantisers.
     plain = load_model(path)
     assert not qat.is_quantised(plain) and count_params(plain) == count_params(restored)
-    assert _qdq_nodes(_export_onnx(path)) > 50
 
 
 def test_float_model_exports_no_qdq(tiny_model_pt, tmp_path):
