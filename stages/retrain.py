@@ -73,10 +73,10 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                      sparsity_weight=float(rc.sparsity_weight), log=ctx.log)
         float_path = _move(result.best, ctx.run_dir / "float.pt")
         outputs += _logs(ctx.run_dir / "float", "float")
-        final_path, final = float_path, result.metrics
+        final_path, final, epochs = float_path, result.metrics, result.epochs
     else:
-        float_path, final_path, final = src, src, after_load
-    metrics |= {"mAP50_float": final["mAP50"], "mAP50_95_float": final["mAP50_95"], "epochs": int(rc.epochs)}
+        float_path, final_path, final, epochs = src, src, after_load, 0
+    metrics |= {"mAP50_float": final["mAP50"], "mAP50_95_float": final["mAP50_95"], "epochs": epochs}
 
     # Phase 2: QAT, with quantiser ranges calibrated on the recovered model.
     if do_qat:
@@ -92,14 +92,14 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                 ctx.log.info("QAT phase runs on GPU %s only (quantised models cannot be sent to DDP workers)",
                              qat_args["device"])
             result = fit(quantised, data.data_yaml, ctx.run_dir / "qat", qat_args, log=ctx.log)
-            final_path, final = _move(result.best, ctx.run_dir / "model.pt"), result.metrics
+            final_path, final, qat_epochs = _move(result.best, ctx.run_dir / "model.pt"), result.metrics, result.epochs
             outputs += _logs(ctx.run_dir / "qat", "qat")
         else:  # calibration only: post-training fake-quantisation without fine-tuning
-            final_path = qat.save(quantised, ctx.run_dir / "model.pt")
+            final_path, qat_epochs = qat.save(quantised, ctx.run_dir / "model.pt"), 0
             final = evaluate(final_path, data.data_yaml, imgsz=imgsz, batch=batch, device=device.split(",")[0])
         if not qat.checkpoint_is_qat(final_path):
             raise RuntimeError(f"{final_path} holds no quantisation state after QAT")
-        metrics |= {"qat_epochs": int(rc.qat_epochs), **qat.settings(int(rc.calib_batches))}
+        metrics |= {"qat_epochs": qat_epochs, **qat.settings(int(rc.calib_batches))}
         if float_path != src:
             outputs.insert(0, ("float_model", float_path))
     metrics["qat"] = do_qat

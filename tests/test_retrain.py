@@ -227,3 +227,14 @@ def test_bad_retrain_values_name_the_key(override):
         cfg = compose("config", overrides=["experiment=smoke", override])
     with pytest.raises(UserError, match=override.split("=")[0].replace(".", r"\.")):
         validate(cfg)
+
+
+@pytest.mark.slow
+def test_retrain_calibration_only_gives_a_qat_checkpoint(pruned, tmp_path):
+    """qat_epochs=0: ModelOpt post-training fake-quantisation of the input, no fine-tuning."""
+    record, outputs = _retrain(tmp_path / "results", f"retrain.input={pruned[0]}", "retrain.epochs=0",
+                               "retrain.qat_epochs=0")
+    m = record["metrics"]
+    assert m["qat"] is True and m["epochs"] == 0 and m["qat_epochs"] == 0 and m["params"] == pruned[1]
+    assert set(outputs) == {"model"} and qat.checkpoint_is_qat(outputs["model"])
+    assert qat.is_quantised(qat.load(outputs["model"]))
