@@ -202,3 +202,31 @@ def test_model_imgsz_from_checkpoint_args(tmp_path):
     model.args = {"imgsz": 160}
     assert model_imgsz(save_checkpoint(model, tmp_path / "m.pt")) == 160
     assert model_imgsz(model) == 160
+
+
+@pytest.mark.slow
+def test_trained_model_scores_alike_through_pt_onnx_and_ultralytics(tmp_path):
+    """A model that detects: our number vs Ultralytics' own, and the .pt vs its ONNX export."""
+    from conftest import write_rect_dataset
+    from ultralytics import YOLO
+
+    from pipeline.models import build_model
+    from pipeline.training import fit
+
+    data = write_rect_dataset(tmp_path / "data", n_train=64, n_val=16, size=96, seed=1)
+    torch.manual_seed(0)
+    result = fit(build_model("yolov8n", nc=2), data, tmp_path / "run",
+                 {"epochs": 30, "imgsz": 96, "batch": 16, "nbs": 16, "workers": 0, "device": "cpu", "seed": 0,
+                  "close_mosaic": 5})
+    ours = result.metrics
+    assert ours["mAP50"] > 0.5, ours  # it learned something, so the comparisons below mean something
+
+    ultra = YOLO(str(result.best)).val(data=str(data), imgsz=96, batch=16, device="cpu", plots=False,
+                                       project=str(tmp_path), name="ultra", verbose=False)
+    # Same matches, different AP interpolation (trapezoid vs COCO's 101-point sampling).
+    assert ours["mAP50"] == pytest.approx(ultra.box.map50, abs=0.01)
+    assert ours["mAP50_95"] == pytest.approx(ultra.box.map, abs=0.01)
+
+    onnx = YOLO(str(result.best)).export(format="onnx", imgsz=96, dynamic=True, simplify=False)
+    by_onnx = evaluate(onnx, data, batch=16)
+    assert by_onnx["mAP50_95"] == pytest.approx(ours["mAP50_95"], abs=0.01)
