@@ -27,6 +27,17 @@ from pipeline.pruning import (
 )
 from tests.conftest import run_cli
 
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread here and in CLI subprocesses: on the shared 2-core machine, two threads that
+    spin-wait for each other made these small forwards 10-50x slower (measured)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # ------------------------------------------------------------------ keep-count rule (property tests)
 
 scores_st = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=300).map(np.array)
@@ -202,17 +213,16 @@ def test_prune_cuts_channels_and_keeps_detect_outputs(yolo):
     for m in head_output_layers(model):
         if isinstance(m, nn.Conv2d):
             assert m.out_channels == head[id(m)][0]
-    for size in ((64, 64), (96, 128), (160, 160)):
+    for size in ((64, 64), (64, 96), (128, 64)):
         x = torch.rand(1, 3, *size)
         with torch.no_grad():
-            y, y_ref = model.eval()(x), ref.eval()(x)
+            y, y_ref = model(x), ref(x)
         assert y[0].shape == y_ref[0].shape == (1, 4 + 2, sum(size[0] * size[1] // s**2 for s in (8, 16, 32)))
         assert torch.isfinite(y[0]).all()
-        model.train()
-        ref.train()
-        raw, raw_ref = model(x), ref(x)
-        assert raw["boxes"].shape == raw_ref["boxes"].shape and raw["scores"].shape == raw_ref["scores"].shape
-    model.eval()
+    model.train()
+    ref.train()
+    raw, raw_ref = model(x), ref(x)  # training output: raw box / class maps per anchor
+    assert raw["boxes"].shape == raw_ref["boxes"].shape and raw["scores"].shape == raw_ref["scores"].shape
 
 
 def test_target_mode_reaches_ratio(yolo):
