@@ -13,12 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.context import StageContext, StageResult
 from pipeline.engines import require_backend, select_backend
 from pipeline.engines.common import (
     CalibrationSet,
     calibration_set,
     carried_figures,
+    cpu_has_vnni,
     cpu_model,
     evaluate_artifact,
     fit_batch,
@@ -30,6 +33,9 @@ from pipeline.engines.common import (
 )
 from pipeline.errors import UserError
 from pipeline.models import size_mb
+
+PARITY_IMAGES = 8  # validation images the engine is compared with its source ONNX on
+QDQ_TOLERANCE = 0.01  # mean relative difference a QDQ model may show between two INT8 runtimes
 
 
 def run(cfg: Any, ctx: StageContext) -> StageResult:
@@ -95,6 +101,8 @@ def _onnxruntime(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: s
         ortb.passthrough(src, out)
     metrics.update(ortb.executed_precision(out))
     sess = ortb.session(out, int(e.threads))
+    batch, ref = _reference(ctx, src, imgsz, int(e.threads))
+    metrics.update(parity(ref, sess.run(None, {sess.get_inputs()[0].name: batch})[0]))
     x = fit_batch(real_batch(ctx, imgsz, n=1), ortb.fixed_batch_of(sess))
     name = sess.get_inputs()[0].name
     metrics.update(latency_ms=median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs)),
@@ -114,6 +122,15 @@ def _openvino(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
     x = real_batch(ctx, imgsz, n=1)
     compiled = ovb.compile_static(folder / "model.xml", x.shape, int(e.threads))
     metrics.update(ovb.executed_precision(compiled))
+    batch, ref = _reference(ctx, src, imgsz, int(e.threads))
+    metrics.update(parity(ref, ovb.infer(ovb.compile_static(folder / "model.xml", batch.shape, int(e.threads)), batch)))
+    metrics["cpu_int8_vnni"] = cpu_has_vnni()
+    if qdq and metrics["mean_rel_diff_vs_onnx"] > QDQ_TOLERANCE:
+        why = ("; this CPU has no VNNI, and its INT8 kernels saturate on symmetric INT8 activations"
+               if metrics["cpu_int8_vnni"] is False else "")
+        ctx.warn(f"OpenVINO's INT8 output is {metrics['mean_rel_diff_vs_onnx']:.1%} off the QAT model's own "
+                 f"(ONNX Runtime, same images){why}: compare mAP50_95 with source_mAP50_95; on this CPU prefer the "
+                 "float model (retrain's float_model) exported and built with engine.precision=int8 (NNCF)")
     metrics.update(latency_ms=median_ms(lambda: ovb.infer(compiled, x), int(e.latency_runs)),
                    latency_threads=int(e.threads), cpu_model=cpu_model(), openvino_version=ovb.version())
     if e.evaluate:
@@ -141,6 +158,22 @@ def _tensorrt(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
     if e.evaluate:
         metrics.update(evaluate_artifact(cfg, ctx, out, imgsz, device=device))
     return outputs, metrics
+
+
+def _reference(ctx: StageContext, src: Path, imgsz: tuple[int, int], threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Real validation images (as many as a fixed-batch graph takes) and the source ONNX's output on them."""
+    from pipeline.engines import onnxruntime as ortb
+
+    sess = ortb.session(src, threads)
+    batch = fit_batch(real_batch(ctx, imgsz, n=PARITY_IMAGES), ortb.fixed_batch_of(sess))
+    return batch, sess.run(None, {sess.get_inputs()[0].name: batch})[0]
+
+
+def parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """How far an engine's output is from its source ONNX (ONNX Runtime) on the same real images."""
+    diff = np.abs(got.astype(np.float32) - ref.astype(np.float32))
+    return {"max_abs_diff_vs_onnx": float(diff.max()),
+            "mean_rel_diff_vs_onnx": round(float(diff.mean() / max(float(np.abs(ref).mean()), 1e-12)), 6)}
 
 
 def _version(module: str) -> str:
