@@ -53,6 +53,7 @@ def test_onnxruntime_int8_engine_runs_and_is_evaluated(float_export, tiny_data_y
     assert m["executed_precision"] == "int8" and m["int8_layers"] > 50  # read back from ORT's optimised graph
     assert 0.0 <= m["mAP50_95"] <= 1.0 and "source_mAP50_95" in m and m["latency_ms"] > 0
     assert m["calib_images"] == 16 and m["calib_source"].startswith("train split")
+    assert m["max_abs_diff_vs_onnx"] > 0 and m["mean_rel_diff_vs_onnx"] < 0.5  # quantised, not broken
     assert m["params"] > 3_000_000 and m["size_mb"] < 0.5 * float_export[1]["metrics"]["size_mb"]
 
     path = _out(results, record)
@@ -76,6 +77,9 @@ def test_openvino_runs_a_qdq_model_as_int8(qat_export, tiny_data_yaml):  # noqa:
     assert m["qdq_input"] and m["quantization"].startswith("qat") and "calib_images" not in m  # no recalibration
     assert m["executed_precision"] == "int8" and m["int8_layers"] > 0 and m["runtime_precisions"].get("u8", 0) > 0
     assert 0.0 <= m["mAP50_95"] <= 1.0 and m["latency_ms"] > 0 and m["openvino_version"] and m["cpu_model"]
+    assert m["mean_rel_diff_vs_onnx"] >= 0.0 and m["cpu_int8_vnni"] in (True, False, None)
+    if m["cpu_int8_vnni"]:  # with VNNI the trained scales run as they did in ONNX Runtime
+        assert m["mean_rel_diff_vs_onnx"] < 0.01
     roles = {o["role"]: o for o in record["outputs"]}
     assert set(roles) == {"model", "ir_xml", "ir_bin"} and all(len(o["sha256"]) == 64 for o in roles.values())
     manifest = Manifest(results)
