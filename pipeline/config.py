@@ -135,6 +135,7 @@ class RetrainConfig:
     close_mosaic: int = 10
     cache: bool = False
     plots: bool = True
+    nbs: int = 64  # nominal batch (Ultralytics): gradients accumulate over nbs/batch batches per step
     qat: bool = True  # finish with quantisation-aware training (INT8 fake-quant, ModelOpt)
     qat_epochs: int = 10  # epochs of the QAT phase that follows float recovery
     qat_lr0: float = 0.001  # low lr, no warmup for QAT (recipes.md)
@@ -261,6 +262,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.sparsity_weight": (0.0, 1.0),
     "train.nbs": (1, 4096),
     "retrain.epochs": (0, 100000),
+    "retrain.nbs": (1, 4096),
     "retrain.qat_epochs": (0, 100000),
     "retrain.batch": (1, 4096),
     "retrain.imgsz": (32, 8192),

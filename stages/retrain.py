@@ -30,7 +30,7 @@ from stages.train import plot_curves, train_device
 # retrain.* keys passed to Ultralytics' trainer unchanged.
 _PASSTHROUGH = ("epochs", "imgsz", "batch", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
                 "warmup_epochs", "patience", "workers", "deterministic", "mosaic", "close_mosaic", "cache",
-                "plots")
+                "plots", "nbs")
 COLLAPSE_RATIO = 0.5  # retrained mAP50-95 below this fraction of the unpruned one is a collapse
 
 
