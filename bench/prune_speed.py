@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)  # the same random weights each run
     with tempfile.TemporaryDirectory() as tmp:
         src = save_checkpoint(build_model(args.model, nc=80), Path(tmp) / "src.pt")
         for label, pth, target in (("threshold", args.pth, None), ("target", None, args.target)):

@@ -328,6 +328,12 @@ class ChannelPruner:
     def prunable(self) -> list[GroupPlan]:
         return [g for g in self.groups if g.excluded_by is None]
 
+    def score_quantiles(self, qs: Sequence[float] = (0.0, 0.1, 0.5)) -> list[float]:
+        """Quantiles of the merged channel scores over all prunable groups (where a pth starts to bite)."""
+        scores = np.concatenate([g.scores for g in self.prunable] or [np.zeros(0)])
+        scores = scores[np.isfinite(scores)]
+        return [float(np.quantile(scores, q)) for q in qs] if scores.size else [float("nan")] * len(qs)
+
     def plan(self, pth: float, granularity: int = 8, min_filters: int = 16) -> dict[str, np.ndarray]:
         """Channels (root indices) each prunable group removes at threshold `pth`; empty groups left out."""
         out: dict[str, np.ndarray] = {}

@@ -55,6 +55,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     plan = pruner.plan(pth, **rule)
     pruner.apply(plan)
     seconds = time.perf_counter() - t0
+    q_min, q10, q50 = pruner.score_quantiles((0.0, 0.1, 0.5))
+    ctx.log.info("normalised channel scores: min %.3f, 10%% %.3f, median %.3f (pth below the min removes nothing)",
+                 q_min, q10, q50)
     skipped = [g for g in pruner.groups if g.excluded_by]
     ctx.log.info("pruned %d of %d channel groups in %.1f s (%d never pruned: %s)", len(plan), len(pruner.groups),
                  seconds, len(skipped), "; ".join(g.excluded_by for g in skipped[:5]) or "-")
@@ -84,6 +87,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         "groups_pruned": len(plan),
         "groups_total": len(pruner.groups),
         "imgsz": imgsz,
+        "score_min": round(q_min, 4),
+        "score_p10": round(q10, 4),
+        "score_median": round(q50, 4),
         "prune_seconds": round(seconds, 3),
         "mAP50": None,
         "mAP50_95": None,
@@ -95,8 +101,9 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                      f"is {kept_params:.3f} (pth {pth:.4f}); granularity={pc.granularity} and "
                      f"min_filters={pc.min_filters} set the steps and the floor")
     if kept_params == 1.0:
-        ctx.warn(f"prune.pth={pth:g} removed no channel: every group's normalised scores are above it "
-                 "(or min_filters / granularity keep them); raise prune.pth or use prune.mode=target")
+        ctx.warn(f"prune.pth={pth:g} removed no channel: the lowest normalised filter score is {q_min:.3f} (10% are "
+                 f"below {q10:.3f}). Filter norms of a model trained without a sparsity regulariser are near-uniform; "
+                 "raise prune.pth, use prune.mode=target, or train with train.sparsity=l1 (TAO's recipe)")
     if pc.evaluate:
         from pipeline.evaluation import evaluate
 
@@ -128,10 +135,18 @@ def _layers_table(before: dict[str, tuple[int, int]], after: dict[str, tuple[int
 
 
 def _upstream_map(ctx: StageContext) -> float | None:
-    """mAP50-95 the input model had, from the record that produced it (None when unknown)."""
-    producer = ctx.input_entry("model").get("produced_by")
+    """mAP50-95 the input model had: from the record that produced it, else from the newest evaluation of
+    the same file (same sha256) in this results dir; None when neither exists."""
+    entry = ctx.input_entry("model")
+    producer = entry.get("produced_by")
     record = ctx.manifest.get(producer) if producer else None
-    return (record or {}).get("metrics", {}).get("mAP50_95")
+    found = (record or {}).get("metrics", {}).get("mAP50_95")
+    if found is not None:
+        return found
+    for rec in reversed(ctx.manifest.succeeded("evaluate")):
+        if any(i.get("role") == "model" and i.get("sha256") == entry.get("sha256") for i in rec.get("inputs", [])):
+            return rec.get("metrics", {}).get("mAP50_95")
+    return None
 
 
 def _print_table(ctx: StageContext, before: dict[str, Any], m: dict[str, Any], map_before: float | None) -> None:

@@ -323,3 +323,15 @@ def test_stage_bad_pattern_exits_2(tiny_model_pt, results_dir):
                    "prune.evaluate=false", "prune.excluded_layers=[nothing.here]")
     assert proc.returncode == 2 and "prune.excluded_layers" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_stage_warns_when_pth_removes_nothing(tiny_model_pt, results_dir):
+    # an untrained model's normalised filter norms all lie near 1: TAO's pth=0.2 keeps every filter
+    proc = run_cli("stage=prune", "experiment=smoke", f"results_dir={results_dir}", f"prune.input={tiny_model_pt}",
+                   "prune.evaluate=false", "prune.pth=0.2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = _record(results_dir)
+    m = rec["metrics"]
+    assert m["kept_params_ratio"] == 1.0 and m["params"] == m["params_before"] and m["pth"] == 0.2
+    assert 0.2 < m["score_min"] <= m["score_p10"] <= m["score_median"] <= 1.0
+    assert any("removed no channel" in w and "train.sparsity=l1" in w for w in rec["warnings"])
