@@ -20,7 +20,6 @@ from pipeline.engines import require_backend, select_backend
 from pipeline.engines.common import (
     CalibrationSet,
     calibration_set,
-    carried_figures,
     cpu_has_vnni,
     cpu_model,
     evaluate_artifact,
@@ -30,6 +29,7 @@ from pipeline.engines.common import (
     onnx_metadata,
     qdq_nodes,
     real_batch,
+    source_metrics,
 )
 from pipeline.errors import UserError
 from pipeline.models import size_mb
@@ -62,30 +62,24 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
 
     build = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}[backend]
     outputs, metrics = build(cfg, ctx, src, qdq, precision, calib, imgsz, meta)
-    model_path = outputs[0][1]
+    source = source_metrics(ctx)
     metrics = {
-        "backend": backend, "backend_reason": why, "precision": precision, "qdq_input": qdq,
-        "imgsz": list(imgsz), **carried_figures(ctx), "size_mb": size_mb(model_path), **metrics,
+        "backend": backend, "backend_reason": why, "precision": precision, "qdq_input": qdq, "imgsz": list(imgsz),
+        **{k: source[k] for k in ("params", "gflops") if source.get(k) is not None},  # carried from the export
+        "size_mb": size_mb(outputs[0][1]), **metrics,
     }
     if calib is not None:
         metrics.update(calib_images=len(calib), calib_source=calib.source)
     executed = metrics.get("executed_precision")
     if executed and executed != precision:
-        why = (" (it runs a QAT model's QDQ pairs as float fake-quantisation, no faster than FP32; "
-               "engine.backend=openvino executes them as INT8)" if qdq and backend == "onnxruntime" else "")
-        ctx.warn(f"engine.precision={precision} was asked for, but {backend} executes {executed} on this machine{why}")
+        hint = (" (it runs a QAT model's QDQ pairs as float fake-quantisation, no faster than FP32; "
+                "engine.backend=openvino executes them as INT8)" if qdq and backend == "onnxruntime" else "")
+        ctx.warn(f"engine.precision={precision} was asked for, but {backend} executes {executed} on this machine{hint}")
     if "params" not in metrics:
         ctx.warn(f"params/gflops unknown: {src} was not produced by stage=export in this results_dir")
-    source = _source_metrics(ctx)
     if source.get("mAP50_95") is not None:
-        metrics["source_mAP50_95"] = source["mAP50_95"]
+        metrics["source_mAP50_95"] = source["mAP50_95"]  # the float/QDQ ONNX, for the INT8 drop
     return StageResult(outputs=outputs, metrics=metrics)
-
-
-def _source_metrics(ctx: StageContext) -> dict[str, Any]:
-    entry = ctx.input_entry("model")
-    record = ctx.manifest.get(entry["produced_by"]) if entry.get("produced_by") else None
-    return (record or {}).get("metrics", {})
 
 
 def _onnxruntime(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str, calib: CalibrationSet | None,

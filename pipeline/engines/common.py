@@ -245,9 +245,8 @@ def evaluate_artifact(cfg: Any, ctx: Any, path: Path, imgsz: tuple[int, int], de
     return {"mAP50": res["mAP50"], "mAP50_95": res["mAP50_95"]}
 
 
-def carried_figures(ctx: Any) -> dict[str, Any]:
-    """params and gflops of the model an artifact came from, read from the record that produced its input."""
+def source_metrics(ctx: Any) -> dict[str, Any]:
+    """Metrics of the record that produced the stage's input model ({} for a file from elsewhere)."""
     entry = ctx.input_entry("model")
     record = ctx.manifest.get(entry["produced_by"]) if entry.get("produced_by") else None
-    metrics = (record or {}).get("metrics", {})
-    return {k: metrics[k] for k in ("params", "gflops") if metrics.get(k) is not None}
+    return dict((record or {}).get("metrics", {}))
