@@ -60,12 +60,17 @@ class SplitFreeC2f(nn.Module):
     def from_c2f(cls, src: nn.Module) -> SplitFreeC2f:
         """The equivalent split-free block of a C2f-style module (weights copied, mode kept)."""
         c = int(src.c)
-        new = cls(_slice_conv(src.cv1, 0, c), _slice_conv(src.cv1, c, 2 * c), src.m, src.cv2, c)
-        for attr in _LAYER_ATTRS:
-            if hasattr(src, attr):
-                setattr(new, attr, getattr(src, attr))
+        new = copy_layer_attrs(src, cls(_slice_conv(src.cv1, 0, c), _slice_conv(src.cv1, c, 2 * c), src.m, src.cv2, c))
         new.train(src.training)
         return new
+
+
+def copy_layer_attrs(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give `dst` the bookkeeping attributes of the top-level layer it replaces (i, f, type, np)."""
+    for attr in _LAYER_ATTRS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+    return dst
 
 
 def _is_c2f_style(module: nn.Module) -> bool:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.modules import swap_split_blocks
+from pipeline.modules import copy_layer_attrs, swap_split_blocks
 
 log = logging.getLogger("pipeline.prune")
 
@@ -250,7 +250,6 @@ class ChannelPruner:
         size = example_size or 2 * stride
         example = torch.zeros(1, 3, size, size)
         stand_ins = self._stand_ins(example)
-        self._stand_in_of = {id(st.unit[0]): st for st in stand_ins}
         with _swapped_in(model, stand_ins):
             self.dg = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example, output_transform=_raw_head_outputs,
@@ -429,19 +428,12 @@ def _swapped_in(model: nn.Module, stand_ins: list[_StandIn]) -> Iterator[None]:
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
     places = [(*parents[id(st.unit[0])], st) for st in stand_ins]
     for parent, name, st in places:
-        setattr(parent, name, _carry_layer_attrs(st.unit[0], st))
+        setattr(parent, name, copy_layer_attrs(st.unit[0], st))
     try:
         yield
     finally:
         for parent, name, st in places:
             setattr(parent, name, st.unit[0])
-
-
-def _carry_layer_attrs(src: nn.Module, dst: nn.Module) -> nn.Module:
-    for attr in ("i", "f", "type", "np"):  # what DetectionModel._predict_once reads from a top-level layer
-        if hasattr(src, attr):
-            setattr(dst, attr, getattr(src, attr))
-    return dst
 
 
 def _raw_head_outputs(out: Any) -> Any:
