@@ -3,8 +3,9 @@
     .venv/bin/python bench/infer_throughput.py [--model M] [--images 32 128] [--imgsz 640] [--repeats 2]
                                                [--threads N] [--backends pt onnx openvino]
 
-The folder is the vinid-products images (img/ + test/) hard-linked under new names until it holds
-the number of images asked for. The model defaults to an untrained yolov8n with the vinid classes
+The folder is the vinid-products images (img/ + test/, web-size photos, 220-1500 px) hard-linked under
+new names until it holds the number of images asked for; `--upscale 4032` re-encodes them at phone
+camera size instead (decoding then costs as much as it does on real photo folders). The model defaults to an untrained yolov8n with the vinid classes
 (speed does not depend on the weights; with --model give any .pt). For each backend the .pt is
 exported once with Ultralytics (`format=onnx dynamic=True`, `format=openvino`), so both tools run
 the very same file.
@@ -38,8 +39,10 @@ VINID = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared")) / "datas
 NAMES = ["bia", "cafe", "mytom", "nuoctuong", "sua"]
 
 
-def make_folder(dst: Path, n: int) -> Path:
-    """`n` images: the vinid images hard-linked (copied across filesystems) under unique names."""
+def make_folder(dst: Path, n: int, upscale: int | None = None) -> Path:
+    """`n` images: the vinid images hard-linked under unique names, or re-encoded `upscale` px wide."""
+    from PIL import Image
+
     from pipeline.datasets.images import IMAGE_EXTENSIONS
 
     src = sorted(p for d in ("img", "test") for p in (VINID / d).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -49,6 +52,12 @@ def make_folder(dst: Path, n: int) -> Path:
     for i in range(n):
         p = src[i % len(src)]
         target = dst / f"{i:05d}_{p.name}"
+        if upscale:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                im.resize((upscale, round(im.height * upscale / im.width)), Image.Resampling.BICUBIC).save(
+                    target.with_suffix(".jpg"), quality=90)
+            continue
         try:
             os.link(p, target)
         except OSError:
@@ -112,6 +121,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both tools (default: unset)")
     ap.add_argument("--backends", nargs="+", default=["pt"], choices=["pt", "onnx", "openvino"])
+    ap.add_argument("--upscale", type=int, help="re-encode the images this wide (JPEG q90), e.g. 4032 for phone photos")
     args = ap.parse_args()
 
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS": "1"}
@@ -123,7 +133,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="infer-bench-"))
     try:
         n1, n2 = args.images
-        folders = {n: make_folder(work / f"images{n}", n) for n in (n1, n2)}
+        folders = {n: make_folder(work / f"images{n}", n, args.upscale) for n in (n1, n2)}
         models = make_models(work, args.model, args.imgsz, args.backends)
         rows = {}
         for backend, model in models.items():
@@ -158,7 +168,7 @@ def main() -> None:
         report = {
             "date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "imgsz": args.imgsz,
-            "images": [n1, n2], "repeats": args.repeats, "omp_num_threads": args.threads,
+            "images": [n1, n2], "upscale": args.upscale, "repeats": args.repeats, "omp_num_threads": args.threads,
             "model": str(args.model or "untrained yolov8n (5 classes)"), "results": rows,
         }
         out = REPO / "bench" / "results" / f"infer_throughput-{datetime.now():%Y%m%d-%H%M}-{platform.node()}.json"

@@ -290,6 +290,11 @@ class Predictor:
             return (int(imgsz[0]), int(imgsz[-1])), int(getattr(b, "batch", 1) or 1)
         static = [isinstance(d, int) and d > 0 for d in dims]
         hw = (int(dims[2]), int(dims[3])) if static[2] and static[3] else None
+        if hw is None and self.format == "openvino" and getattr(b, "read_model", None) is not None:
+            # AutoBackend recompiles this INT8 model for every new shape (an OpenVINO bug on AMX CPUs):
+            # one fixed shape, as Ultralytics itself does there.
+            imgsz = getattr(b, "imgsz", None) or [640, 640]
+            hw = (int(imgsz[0]), int(imgsz[-1]))
         if self.format == "engine":
             # An engine's optimisation profile bounds its shapes; run it at the shape it was built for.
             hw = (int(dims[2]), int(dims[3]))
