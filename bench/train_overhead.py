@@ -1,6 +1,6 @@
 """Overhead of stage=train over plain Ultralytics: one training epoch, same data, same settings.
 
-    .venv/bin/python bench/train_overhead.py [--repeats 3] [--images 64] [--imgsz 128] [--epochs 1]
+    .venv/bin/python bench/train_overhead.py [--repeats 3] [--images 300] [--imgsz 160] [--epochs 1]
 
 "ours" is the whole stage through the runner (`run_stage(cfg, "train")`: manifest record, model
 build, Ultralytics' trainer through pipeline.training.fit, evaluation of best.pt, params/GFLOPs,
@@ -29,8 +29,8 @@ import pipeline  # noqa: E402,F401  (offline-safe Ultralytics before it is impor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="pairs of runs (ours, plain), interleaved ABBA")
-    ap.add_argument("--images", type=int, default=400, help="synthetic training images (default experiment: 400)")
-    ap.add_argument("--imgsz", type=int, default=256)
+    ap.add_argument("--images", type=int, default=300, help="synthetic training images (default experiment: 300)")
+    ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     a = ap.parse_args()
@@ -40,6 +40,7 @@ def main() -> None:
     from pipeline.config import register
     from pipeline.datasets import prepare
     from pipeline.runner import run_stage
+    from pipeline.training import TRAINER_KEYS
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("ultralytics").setLevel(logging.WARNING)  # keep the timing lines readable
@@ -49,19 +50,16 @@ def main() -> None:
         f"dataset.synthetic_train={a.images}", f"dataset.synthetic_val={max(a.images // 4, 8)}",
         "dataset.synthetic_unlabeled=0", f"dataset.synthetic_imgsz={a.imgsz}",
         f"train.epochs={a.epochs}", f"train.imgsz={a.imgsz}", f"train.batch={a.batch}", "train.workers=0",
-        "train.plots=false", "train.close_mosaic=0", "train.device=cpu", "device=cpu",
+        "train.plots=false", "train.close_mosaic=0", "train.device=cpu", "device=cpu", "train.sparsity=none",
     ]
     register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     info = prepare(cfg.dataset, Path(cfg.results_dir).resolve(), seed=0, log=logging.getLogger("bench"))
     tc = cfg.train
-    plain_args = {
-        "data": str(info.data_yaml), "epochs": tc.epochs, "imgsz": tc.imgsz, "batch": tc.batch,
-        "optimizer": tc.optimizer, "lr0": tc.lr0, "lrf": tc.lrf, "momentum": tc.momentum,
-        "weight_decay": tc.weight_decay, "warmup_epochs": tc.warmup_epochs, "patience": tc.patience,
-        "workers": 0, "seed": 0, "deterministic": tc.deterministic, "device": "cpu", "amp": False,
-        "mosaic": tc.mosaic, "close_mosaic": tc.close_mosaic, "cache": tc.cache, "plots": False,
+    # Exactly the Ultralytics arguments stage=train passes (sparsity off: plain Ultralytics has none).
+    plain_args = {k: tc[k] for k in TRAINER_KEYS} | {
+        "data": str(info.data_yaml), "seed": 0, "device": "cpu", "amp": False, "workers": 0,
     }
 
     def ours() -> float:

@@ -33,6 +33,11 @@ from pipeline.errors import UserError
 from pipeline.evaluation import evaluate
 
 SPARSITY_KINDS = ("none", "l1", "bn")
+# train.* / retrain.* keys passed to Ultralytics' trainer unchanged (one list: bench/train_overhead.py
+# hands exactly these to plain Ultralytics to measure our overhead).
+TRAINER_KEYS = ("epochs", "imgsz", "batch", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
+                "warmup_epochs", "patience", "workers", "deterministic", "mosaic", "close_mosaic", "cache",
+                "plots", "nbs")
 
 
 @dataclass

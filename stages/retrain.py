@@ -27,16 +27,12 @@ from pipeline.errors import UserError
 from pipeline.models import count_params, load_model, model_figures
 from stages.train import plot_curves, train_device
 
-# retrain.* keys passed to Ultralytics' trainer unchanged.
-_PASSTHROUGH = ("epochs", "imgsz", "batch", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
-                "warmup_epochs", "patience", "workers", "deterministic", "mosaic", "close_mosaic", "cache",
-                "plots", "nbs")
 COLLAPSE_RATIO = 0.5  # retrained mAP50-95 below this fraction of the unpruned one is a collapse
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     from pipeline.evaluation import evaluate
-    from pipeline.training import fit
+    from pipeline.training import TRAINER_KEYS, fit
 
     rc = cfg.retrain
     do_qat = bool(rc.qat)
@@ -64,7 +60,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     after_load = evaluate(src, data.data_yaml, imgsz=imgsz, batch=batch, device=device.split(",")[0])
     ctx.log.info("pruned model right after loading: mAP50-95 %.4f, %d params", after_load["mAP50_95"], pruned_params)
     metrics: dict[str, Any] = {"mAP50_after_load": after_load["mAP50"], "mAP50_95_after_load": after_load["mAP50_95"]}
-    args = {k: rc[k] for k in _PASSTHROUGH} | {"device": device, "seed": int(cfg.seed), "freeze": int(rc.freeze) or None}
+    args = {k: rc[k] for k in TRAINER_KEYS} | {"device": device, "seed": int(cfg.seed), "freeze": int(rc.freeze) or None}
     outputs: list[tuple[str, Path]] = []
 
     # Phase 1: float recovery of the pruned module itself (fit never rebuilds it from a YAML).

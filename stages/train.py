@@ -29,21 +29,17 @@ from pipeline.manifest import FAILED, SUCCEEDED
 from pipeline.models import PRETRAINED_HINT, build_model, load_model, model_figures, names_of
 
 ULTRALYTICS_DIR = "ultralytics"  # Ultralytics' own run folder inside the stage's run dir
-# train.* keys passed to Ultralytics unchanged.
-_PASSTHROUGH = ("epochs", "imgsz", "batch", "optimizer", "lr0", "lrf", "momentum", "weight_decay",
-                "warmup_epochs", "patience", "workers", "deterministic", "mosaic", "close_mosaic", "cache",
-                "plots", "nbs")
 
 
 def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
-    from pipeline.training import fit
+    from pipeline.training import TRAINER_KEYS, fit
 
     tc = cfg.train
     if not tc.resume:
         _check_sources(cfg)  # fail before the (possibly long) dataset import
     data = ctx.dataset()
     device = train_device(tc.device, ctx.device)
-    args: dict[str, Any] = {k: tc[k] for k in _PASSTHROUGH} | {
+    args: dict[str, Any] = {k: tc[k] for k in TRAINER_KEYS} | {
         "device": device, "seed": int(cfg.seed), "freeze": int(tc.freeze) or None,
     }
     if tc.resume:
