@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 import pipeline.yolo_env  # noqa: F401  (offline-safe Ultralytics before anything imports it)
 from pipeline.config import register, validate
-from pipeline.errors import UserError
+from pipeline.errors import UserError, resource_error
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _task_started = False
@@ -44,6 +44,14 @@ def _task(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         print("error: interrupted; the run is recorded as failed", file=sys.stderr)
         sys.exit(130)
+    except (OSError, MemoryError, RuntimeError) as exc:
+        # Out of disk or memory outside a stage's own run (e.g. writing the manifest): still the
+        # user's to fix. Anything else is a bug and keeps its traceback.
+        clear = resource_error(exc, str(cfg.get("stage", "?")), str(cfg.get("results_dir", "?")), None, None)
+        if clear is None:
+            raise
+        print(f"error: {clear}", file=sys.stderr)
+        sys.exit(clear.exit_code)
 
 
 def _interrupt(signum, frame):  # SIGTERM (Slurm preemption, docker stop) -> recorded as interrupted

@@ -17,3 +17,33 @@ def require(module: str, extra_hint: str) -> object:
         return importlib.import_module(module)
     except ImportError as exc:
         raise UserError(f"{module} is not installed ({exc}); {extra_hint}") from None
+
+
+_DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def resource_error(exc: BaseException, stage: str, results_dir: str, batch: int | None, imgsz: int | None) -> UserError | None:
+    """A clear UserError for running out of disk or memory, or None when `exc` is neither.
+
+    Disk full: an OSError with ENOSPC/EDQUOT anywhere in the exception chain (Ultralytics and
+    torch.save re-raise them wrapped). Out of memory: torch.OutOfMemoryError (CUDA), MemoryError,
+    or the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory").
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+            where = f" writing {e.filename}" if e.filename else ""
+            return UserError(f"disk full{where} during stage={stage}: free space on the disk of "
+                             f"results_dir={results_dir} or choose another results_dir, then rerun "
+                             "(the failed run is recorded; nothing half-written is registered)")
+        text = str(e).lower()
+        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in text for m in _OOM_MARKERS)):
+            knobs = " and ".join(f"{stage}.{k}={v}" for k, v in (("batch", batch), ("imgsz", imgsz)) if v)
+            hint = f"lower {knobs}" if knobs else "use a smaller model or input size"
+            return UserError(f"out of memory during stage={stage} ({type(e).__name__}): {hint}, "
+                             "or free memory on this machine, then rerun")
+        e = e.__cause__ or e.__context__
+    return None

@@ -22,7 +22,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.context import StageContext, StageResult
-from pipeline.errors import UserError
+from pipeline.errors import UserError, resource_error
 from pipeline.manifest import FAILED, RUNNING, SUCCEEDED, Manifest, atomic_write_text
 
 log = logging.getLogger("pipeline")
@@ -167,6 +167,13 @@ def run_stage(
             lock.release()
 
 
+def _resource_error(exc: BaseException, cfg: DictConfig, stage: str) -> UserError | None:
+    section = cfg.get(stage) if stage in cfg else None
+    batch = section.get("batch") if isinstance(section, DictConfig) else None
+    imgsz = section.get("imgsz") if isinstance(section, DictConfig) else None
+    return resource_error(exc, stage, str(cfg.results_dir), batch, imgsz)
+
+
 def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -> dict[str, Any]:
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     run_id = f"{stage}-{stamp}-{secrets.token_hex(2)}"
@@ -203,11 +210,22 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
         log.info("[%s] succeeded in %.1f s", stage, fields["seconds"])
         return done
     except BaseException as exc:
+        clear = None if isinstance(exc, UserError) else _resource_error(exc, cfg, stage)
         message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        if clear is not None:
+            message = str(clear)
         if isinstance(exc, KeyboardInterrupt):
             message = "interrupted (KeyboardInterrupt)"
-        manifest.update(run_id, status=FAILED, finished=_now(), seconds=round(time.perf_counter() - t0, 3),
-                        error=message, inputs=ctx.inputs, warnings=ctx.warnings, **ctx.extra)
+        try:
+            manifest.update(run_id, status=FAILED, finished=_now(), seconds=round(time.perf_counter() - t0, 3),
+                            error=message, inputs=ctx.inputs, warnings=ctx.warnings, **ctx.extra)
+        except OSError as write_exc:
+            # A full disk can refuse the failure record too: the manifest keeps its previous, valid
+            # content (atomic writes) and the record stays "running" with our pid, which the next
+            # reader marks failed ("interrupted") once this process is gone.
+            log.error("[%s] could not record the failure: %s", stage, write_exc)
+        if clear is not None:
+            raise clear from exc
         raise
     finally:
         for lg in loggers:

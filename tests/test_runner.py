@@ -112,3 +112,60 @@ def test_reuse_by_config_hash(tmp_path, fake_stages):
     other = run_stage(make_cfg(tmp_path, "train.epochs=3"), "train", reuse=True)
     assert other["run_id"] != first["run_id"]
     assert run_stage(cfg, "train", reuse=False)["run_id"] != first["run_id"]
+
+
+def _raising_stage(monkeypatch, name, exc):
+    def run(cfg, ctx):
+        (ctx.run_dir / "partial.pt").write_bytes(b"half")
+        raise exc
+
+    mod = types.ModuleType(f"stages.{name}")
+    mod.run = run
+    monkeypatch.setitem(sys.modules, f"stages.{name}", mod)
+
+
+def test_disk_full_is_a_clear_user_error(tmp_path, fake_stages, monkeypatch):
+    import errno
+
+    cfg = make_cfg(tmp_path)
+    run_stage(cfg, "train")
+    # What torch.save / Ultralytics raise when the disk fills up mid-write, wrapped as they do.
+    inner = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "prune" / "model.pt"))
+    try:
+        raise inner
+    except OSError as e:
+        wrapped = RuntimeError("PytorchStreamWriter failed writing file data/0")
+        wrapped.__cause__ = e
+    _raising_stage(monkeypatch, "prune", wrapped)
+    with pytest.raises(UserError, match=r"disk full writing .*model\.pt during stage=prune.*results_dir") as info:
+        run_stage(cfg, "prune")
+    assert info.value.exit_code == 2
+    rec = [r for r in Manifest(tmp_path).runs() if r["stage"] == "prune"][0]
+    assert rec["status"] == FAILED and rec["error"].startswith("disk full") and rec["outputs"] == []
+
+
+def test_out_of_memory_names_the_batch_to_lower(tmp_path, fake_stages, monkeypatch):
+    cfg = make_cfg(tmp_path, "train.batch=4096")
+    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 107374182400 bytes. Error code 12 (Cannot allocate memory)")
+    _raising_stage(monkeypatch, "train", oom)
+    with pytest.raises(UserError, match=r"out of memory during stage=train .*lower train\.batch=4096 and train\.imgsz="):
+        run_stage(cfg, "train")
+    assert Manifest(tmp_path).runs()[-1]["status"] == FAILED
+
+
+def test_other_errors_keep_their_type(tmp_path, fake_stages, monkeypatch):
+    _raising_stage(monkeypatch, "train", RuntimeError("shape mismatch in conv"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_stage(make_cfg(tmp_path), "train")
+
+
+def test_real_cpu_allocation_failure_is_recognised():
+    import torch
+
+    from pipeline.errors import resource_error
+
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1 << 46, dtype=torch.uint8)  # 64 TiB: the CPU allocator refuses at once
+    clear = resource_error(info.value, "evaluate", "/r", 64, 640)
+    assert clear is not None and "lower evaluate.batch=64 and evaluate.imgsz=640" in str(clear)
