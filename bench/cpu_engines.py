@@ -23,7 +23,6 @@ bench/results/<date>-<host>.json with `speedup_vs_unpruned_fp32_onnx` per row.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -45,6 +44,10 @@ from pipeline.engines import openvino as ovb  # noqa: E402
 from pipeline.engines.common import CalibrationSet, cpu_model, load_batch, onnx_metadata, pick, split_images  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.models import size_mb  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_out, write  # noqa: E402,I001
+
 
 BASELINE = "unpruned FP32 ONNX"
 OURS = "ours: pruned+QAT -> OpenVINO"
@@ -166,7 +169,7 @@ def main() -> None:
     ap.add_argument("--per-block", type=int, default=12, help="timed runs per artifact per block")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--no-map", action="store_true", help="skip the mAP evaluations")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    add_out(ap, "cpu_engines")
     args = ap.parse_args()
     if args.blocks * args.per_block < 50:
         ap.error("--blocks x --per-block must give at least 50 timed runs")
@@ -198,10 +201,7 @@ def main() -> None:
                 row["path"] = row["path"].name
             report["sizes"][str(imgsz)] = {"rows": rows, "goals": goals(rows)}
             print_table(imgsz, rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{datetime.now():%Y-%m-%d}-{platform.node()}.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {out}")
+    write(args.out, report)
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:

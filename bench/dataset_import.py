@@ -11,18 +11,21 @@ Prints the figures and writes them as JSON (default bench/results/dataset_import
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import DatasetConfig
-from pipeline.datasets import prepare
-from pipeline.datasets.synthetic import SHAPES, generate
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_out, write  # noqa: E402
+
+from pipeline.config import DatasetConfig  # noqa: E402
+from pipeline.datasets import prepare  # noqa: E402
+from pipeline.datasets.synthetic import SHAPES, generate  # noqa: E402
 
 
 def make_darknet_folder(folder: Path, n: int, imgsz: int) -> None:
@@ -41,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--imgsz", type=int, default=320)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "dataset_import.json")
+    add_out(ap, "dataset_import")
     args = ap.parse_args()
     log = logging.getLogger("bench")
     with tempfile.TemporaryDirectory(prefix="bench-dataset-") as tmp:
@@ -65,9 +68,7 @@ def main() -> None:
     print(f"generated {args.images} images ({args.imgsz} px) in {gen_s:.1f} s")
     print(f"prepare() import + validation: {cold_s:.2f} s ({result['images_per_s']} images/s); "
           f"reuse: {reuse_s:.3f} s; load average {result['load_avg_1min']} on {result['cpus']} CPUs")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write(args.out, result)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_out, write  # noqa: E402
+
 sys.path.insert(0, str(REPO))
 VINID = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared")) / "datasets" / "vinid-products"
 NAMES = ["bia", "cafe", "mytom", "nuoctuong", "sua"]
@@ -122,6 +125,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both tools (default: unset)")
     ap.add_argument("--backends", nargs="+", default=["pt"], choices=["pt", "onnx", "openvino"])
     ap.add_argument("--upscale", type=int, help="re-encode the images this wide (JPEG q90), e.g. 4032 for phone photos")
+    add_out(ap, "infer_throughput")
     args = ap.parse_args()
 
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS": "1"}
@@ -171,10 +175,7 @@ def main() -> None:
             "images": [n1, n2], "upscale": args.upscale, "repeats": args.repeats, "omp_num_threads": args.threads,
             "model": str(args.model or "untrained yolov8n (5 classes)"), "results": rows,
         }
-        out = REPO / "bench" / "results" / f"infer_throughput-{datetime.now():%Y%m%d-%H%M}-{platform.node()}.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"written {out}")
+        write(args.out, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

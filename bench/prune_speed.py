@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.models import build_model, count_params, load_model, save_checkpoint
-from pipeline.pruning import ChannelPruner
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_out, write  # noqa: E402
+
+from pipeline.models import build_model, count_params, load_model, save_checkpoint  # noqa: E402
+from pipeline.pruning import ChannelPruner  # noqa: E402
 
 
 def prune_once(src: Path, dst: Path, pth: float | None, target: float | None) -> dict[str, float]:
@@ -54,7 +58,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pth", type=float, default=0.95)
     ap.add_argument("--target", type=float, default=0.5)
+    add_out(ap, "prune_speed")
     args = ap.parse_args()
+    rows = []
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)  # the same random weights each run
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,9 +70,15 @@ def main() -> None:
             last = runs[-1]
             steps = ", ".join(f"{k} {statistics.median(r[k] for r in runs):.2f}"
                               for k in ("load", "graph+scores", "choose", "cut", "save"))
+            rows.append({"mode": label, "pth": round(last["pth"], 4), "kept_params_ratio": round(last["kept_params_ratio"], 3),
+                         "median_s": round(statistics.median(r["total"] for r in runs), 3),
+                         "min_s": round(min(r["total"] for r in runs), 3),
+                         "steps_median_s": {k: round(statistics.median(r[k] for r in runs), 3)
+                                            for k in ("load", "graph+scores", "choose", "cut", "save")}})
             print(f"{args.model} {label:9s} pth={last['pth']:.4f} kept_params_ratio={last['kept_params_ratio']:.3f}: "
                   f"median {statistics.median(r['total'] for r in runs):.2f} s "
                   f"(min {min(r['total'] for r in runs):.2f}) over {args.repeats} runs, {args.threads} threads [{steps}]")
+    write(args.out, {"model": args.model, "threads": args.threads, "repeats": args.repeats, "goal_s": 20, "rows": rows})
 
 
 if __name__ == "__main__":

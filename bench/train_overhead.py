@@ -25,6 +25,9 @@ sys.path.insert(0, str(REPO))
 
 import pipeline  # noqa: E402,F401  (offline-safe Ultralytics before it is imported)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_out, write  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
+    add_out(ap, "train_overhead")
     a = ap.parse_args()
 
     from hydra import compose, initialize_config_dir
@@ -88,6 +92,10 @@ def main() -> None:
     for name, median in (("ours", m_ours), ("plain", m_plain)):
         print(f"median {name:5s} {median:.2f} s  ({', '.join(f'{t:.2f}' for t in times[name])})")
     print(f"ratio ours/plain = {m_ours / m_plain:.3f}  (overhead {100 * (m_ours / m_plain - 1):+.1f}%)")
+    write(a.out, {"epochs": a.epochs, "images": a.images, "imgsz": a.imgsz, "batch": a.batch, "repeats": a.repeats,
+                  "seconds": {k: [round(t, 2) for t in v] for k, v in times.items()},
+                  "median_s": {"ours": round(m_ours, 2), "plain": round(m_plain, 2)},
+                  "ratio_ours_over_plain": round(m_ours / m_plain, 4), "goal_ratio_below": 1.05})
 
 
 if __name__ == "__main__":
