@@ -102,7 +102,7 @@ def build(models: dict[str, Any], imgsz: int, work: Path, calib_images: int) -> 
     ortb.quantize_int8(pruned, pruned_int8, calib, log)
     qdq = ultralytics_export(models["qat"], work / "q_onnx", **ours)
     qat_ov = work / "q_openvino_model"
-    ovb.build(qdq, qat_ov, "int8", True, None, onnx_metadata(qdq), log)
+    ovb.build(qdq, qat_ov, "int8", True, None, onnx_metadata(qdq), log, overflow_fix=work / "q_7bit.onnx")  # the default
     ptq_ov = work / "p_openvino_model"
     ovb.build(pruned, ptq_ov, "int8", False, calib, onnx_metadata(pruned), log)
     return [

@@ -174,6 +174,8 @@ class EngineConfig:
     workspace_gb: float = 4.0  # TensorRT builder workspace
     evaluate: bool = True
     latency_runs: int = 50
+    # OpenVINO, QAT input: 7-bit weight steps so CPUs without VNNI do not saturate (docs/deploy.md)
+    overflow_fix: bool = True
 
 
 @dataclass
