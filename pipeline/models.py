@@ -71,11 +71,18 @@ def load_model(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write an Ultralytics-compatible checkpoint atomically (full precision, module pickled)."""
+def save_checkpoint(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None,
+                    half: bool = False) -> Path:
+    """Write an Ultralytics-compatible checkpoint atomically (module pickled).
+
+    `half=True` stores FP16 weights, as Ultralytics stores best.pt (so sizes compare along the
+    chain; every loader here and in Ultralytics casts back to float). QAT checkpoints stay FP32.
+    """
     import ultralytics
 
     m = copy.deepcopy(model).float().eval()
+    if half:
+        m = m.half()
     for p in m.parameters():
         p.requires_grad_(False)
     ckpt = {

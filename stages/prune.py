@@ -70,7 +70,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                     "equalization": str(pc.equalization), "granularity": int(pc.granularity),
                     "min_filters": int(pc.min_filters), "excluded_layers": list(pc.excluded_layers),
                     "source": str(src)},
-    })
+    }, half=True)  # FP16 like the trained best.pt it came from: size_mb drops with params
     layers_csv = ctx.run_dir / "layers.csv"
     atomic_write_text(layers_csv, _layers_table(channels_before, layer_channels(model)))
 
