@@ -82,7 +82,7 @@ def prune_amount(model: nn.Module, ratio: float, round_to: int = ROUND_TO) -> nn
     return model
 
 
-def match_params(model: nn.Module, target_params: int, round_to: int = ROUND_TO, iterations: int = 16,
+def match_params(model: nn.Module, target_params: int, round_to: int = ROUND_TO, iterations: int = 10,
                  tolerance: float = PARAM_TOLERANCE) -> list[tuple[nn.Module, float, int]]:
     """torch-pruning's amount-based pruning of copies of `model` at the ratios nearest `target_params`.
 
@@ -104,7 +104,8 @@ def match_params(model: nn.Module, target_params: int, round_to: int = ROUND_TO,
     total = count_params(base)
     if target_params >= total:
         return [(prune_amount(base, 0.0), 0.0, total)]
-    above: tuple[nn.Module, float, int] | None = None  # fewest params still > target
+    # fewest params still > target; ratio 0 (nothing cut) is the first step above any target below the total
+    above: tuple[nn.Module, float, int] | None = (prune_amount(copy.deepcopy(base), 0.0), 0.0, total)
     below: tuple[nn.Module, float, int] | None = None  # most params <= target
 
     def trial(ratio: float) -> int:
