@@ -133,9 +133,9 @@ def main() -> int:
     figures |= torch_latency(best, args.runs)
     figures |= tensorrt_latency(work, best, list(args.override), args.runs)
     figures |= {"imgsz": IMGSZ, "runs": args.runs, "torch": torch.__version__, "results_dir": str(work)}
-    for k, v in figures.items():
-        print(f"  {k}: {v}")
-    write(args.out, figures)
+    table = "| figure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in figures.items())
+    print(table)
+    write(args.out, {**figures, "markdown": table})
     return 0
 
 

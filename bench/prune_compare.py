@@ -29,6 +29,7 @@ import copy
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -341,8 +342,8 @@ def markdown(rows: list[dict[str, Any]], verdicts: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results-dir", type=Path, required=True, help="results dir holding (or, with --build, to hold) "
-                    "the trained baseline")
+    ap.add_argument("--results-dir", type=Path, help="results dir holding (or, with --build, to hold) the trained "
+                    "baseline; default with --build: a new temporary folder")
     ap.add_argument("--build", action="store_true", help="train the baseline first (python -m pipeline stage=train)")
     ap.add_argument("--pth", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="thresholds for ours")
     ap.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -352,7 +353,10 @@ def main() -> int:
     ap.add_argument("--merge", action="store_true", help="keep other datasets' rows already in --out")
     add_out(ap, "prune_compare")
     args = ap.parse_args()
-    results_dir = args.results_dir.expanduser().resolve()
+    if args.results_dir is None and not args.build:
+        print("error: give --results-dir (a results dir with a trained baseline) or --build", file=sys.stderr)
+        return 2
+    results_dir = (args.results_dir or Path(tempfile.mkdtemp(prefix="prune-compare-"))).expanduser().resolve()
     bad = [o for o in args.override if o.split("=", 1)[0].lstrip("+~") in RESERVED]
     if bad:
         print(f"error: --override {' '.join(bad)}: this script sets these keys itself", file=sys.stderr)
