@@ -102,7 +102,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                      f"min_filters={pc.min_filters} set the steps and the floor")
     if kept_params == 1.0:
         ctx.warn(f"prune.pth={pth:g} removed no channel: the lowest normalised filter score is {q_min:.3f} (10% are "
-                 f"below {q10:.3f}). Filter norms of a model trained without a sparsity regulariser are near-uniform; "
+                 f"below {q10:.3f}). Filter norms stay near-uniform in a model trained briefly or without a sparsity regulariser; "
                  "raise prune.pth, use prune.mode=target, or train with train.sparsity=l1 (TAO's recipe)")
     if pc.evaluate:
         from pipeline.evaluation import evaluate
