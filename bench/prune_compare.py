@@ -10,9 +10,12 @@ Baseline: the newest succeeded `train` record of --results-dir (with --build, tr
 - torch-pruning: the same baseline, C2f/C3k2 swapped as stage=prune does, pruned by
   `tp.pruner.BasePruner` with `GroupMagnitudeImportance(p=2)`, one uniform per-layer
   `pruning_ratio`, round_to=8, the Detect head's output convs and DFL ignored (as ours); the ratio
-  found by bisection so the parameter count matches ours (within 1%, or the closest reachable);
-  saved with pipeline.models.save_checkpoint, then `stage=retrain retrain.input=<it>
-  retrain.qat=false` in the same results dir: the same retrain config, so the same budget.
+  found by bisection so the parameter count matches ours within 1%. One uniform ratio with
+  round_to=8 moves the count in steps of 5-20% on yolov8n, so ours' size usually falls inside a
+  step: then both neighbours (fewer and more params than ours) are kept, and the verdict
+  interpolates their mAP to ours' size. Each is saved with pipeline.models.save_checkpoint, then
+  `stage=retrain retrain.input=<it> retrain.qat=false` in the same results dir: the same retrain
+  config, so the same budget.
 
 Every CLI call gets the --override list (e.g. experiment=smoke). mAP50-95 after pruning is the
 retrain record's evaluation of the pruned model right after loading (the same evaluator for both);

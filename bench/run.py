@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -49,7 +48,7 @@ SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
 
 def run_section(name: str, args: list[str], out: Path) -> dict[str, Any]:
     script = BENCH / SECTIONS[name][0]
-    cmd = [sys.executable, str(script), *args, "--out", str(out)]
+    cmd = [sys.executable, str(script.relative_to(BENCH.parent)), *args, "--out", str(out)]
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, cwd=BENCH.parent).returncode
@@ -69,16 +68,17 @@ def main() -> None:
 
     stem = f"{datetime.now():%Y-%m-%d}-{platform.node()}" + ("-quick" if a.quick else "")
     out = a.out or RESULTS / f"{stem}.json"
-    report: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"sections": {}}
-    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        for name in a.sections:
-            full, quick = SECTIONS[name][1:]
-            args = list(quick if a.quick else full)
-            if a.chain and name == "cpu_engines":
-                args = [str(a.chain.resolve())] + [x for x in args if x not in ("--build", "--experiment", "default")]
-            report["sections"][name] = run_section(name, args, Path(tmp) / f"{name}.json")
-            report.update(machine(), quick=a.quick)
-            _save(out, report)  # after every section: a crash late in a long run keeps the rest
+    report: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    report.setdefault("sections", {})
+    sections_dir = out.with_suffix("")  # <stem>/<section>.json: each script's own output, kept
+    for name in a.sections:
+        full, quick = SECTIONS[name][1:]
+        args = list(quick if a.quick else full)
+        if a.chain and name == "cpu_engines":
+            args = [str(a.chain.resolve())] + [x for x in args if x not in ("--build", "--experiment", "default")]
+        report["sections"][name] = run_section(name, args, sections_dir / f"{name}.json")
+        report.update(machine(), quick=a.quick)
+        _save(out, report)  # after every section: a crash late in a long run keeps the rest
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
     failed = [n for n in a.sections if report["sections"][n]["status"] != "ok"]
     if failed:
