@@ -211,11 +211,12 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
         return done
     except BaseException as exc:
         clear = None if isinstance(exc, UserError) else _resource_error(exc, cfg, stage)
-        message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        if clear is not None:
-            message = str(clear)
         if isinstance(exc, KeyboardInterrupt):
             message = "interrupted (KeyboardInterrupt)"
+        elif isinstance(exc, UserError) or clear is not None:
+            message = str(clear or exc)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
         try:
             manifest.update(run_id, status=FAILED, finished=_now(), seconds=round(time.perf_counter() - t0, 3),
                             error=message, inputs=ctx.inputs, warnings=ctx.warnings, **ctx.extra)
