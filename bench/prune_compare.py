@@ -244,6 +244,7 @@ def compare(results_dir: Path, pths: list[float], overrides: list[str], build: b
     size = model_imgsz(base_path) or 640
     imgsz = max(size) if isinstance(size, list) else int(size)
     base_model = load_model(base_path)
+    done: dict[int, dict[str, Any]] = {}  # torch-pruning params -> its row (retrained once)
     for pth in pths:
         print(f"[{dataset}] pth={pth}: ours", flush=True)
         pr = cli(results_dir, ["stage=prune", f"prune.input={base_path}", "prune.mode=threshold", f"prune.pth={pth}",
@@ -265,27 +266,34 @@ def compare(results_dir: Path, pths: list[float], overrides: list[str], build: b
         search_seconds = time.perf_counter() - t0
         theirs = []
         for pruned, ratio, n in candidates:
-            figures = model_figures(pruned, imgsz)
-            tp_file = logs / f"torch-pruning-{pth}-ratio{ratio:.4f}.pt"
-            save_checkpoint(pruned, tp_file, extra={
-                "train_args": dict(ckpt.get("train_args") or {}),
-                "pruning": {"method": "torch-pruning BasePruner, GroupMagnitudeImportance(p=2), uniform per layer",
-                            "pruning_ratio": ratio, "round_to": ROUND_TO, "matched_to": pr["run_id"],
-                            "source": str(base_path)},
-            })
             print(f"  pruning_ratio {ratio:.4f}: {n:,} params ({n / pm['params'] - 1:+.2%} vs ours; bisection "
-                  f"{search_seconds:.1f} s) -> {tp_file}", flush=True)
-            rt = cli(results_dir, ["stage=retrain", f"retrain.input={tp_file}", "retrain.qat=false"], overrides,
-                     logs / f"retrain-torch-pruning-{pth}-ratio{ratio:.4f}.log")
-            rm = rt["metrics"]
-            theirs.append(_row(
-                dataset, "torch-pruning amount", pth, pruning_ratio=round(ratio, 5), params=n, gflops=figures["gflops"],
-                kept_params_ratio=round(n / tm["params"], 4), mAP50_95_after_prune=rm["mAP50_95_after_load"],
-                mAP50_95_after_retrain=rm["mAP50_95"], retrain_epochs=rm["epochs"],
-                seconds=round(search_seconds + rt["seconds"], 1), retrain_run=rt["run_id"],
-                search_seconds=round(search_seconds, 1), retrain_seconds=rt["seconds"],
-                params_vs_ours=round(n / pm["params"] - 1, 4)))
-            rows.append(theirs[-1])
+                  f"{search_seconds:.1f} s)", flush=True)
+            if n in done:  # every ratio of one step gives the same channels: that model is retrained already
+                print(f"  the same model as at pth={done[n]['pth']:g}: its retrain is reused", flush=True)
+                row = {**done[n], "pth": pth, "pruning_ratio": round(ratio, 5), "search_seconds": round(search_seconds, 1),
+                       "seconds": round(search_seconds + done[n]["retrain_seconds"], 1), "reused_from_pth": done[n]["pth"],
+                       "params_vs_ours": round(n / pm["params"] - 1, 4)}
+            else:
+                tp_file = logs / f"torch-pruning-{pth}-ratio{ratio:.4f}.pt"
+                save_checkpoint(pruned, tp_file, extra={
+                    "train_args": dict(ckpt.get("train_args") or {}),
+                    "pruning": {"method": "torch-pruning BasePruner, GroupMagnitudeImportance(p=2), uniform per layer",
+                                "pruning_ratio": ratio, "round_to": ROUND_TO, "matched_to": pr["run_id"],
+                                "source": str(base_path)},
+                })
+                rt = cli(results_dir, ["stage=retrain", f"retrain.input={tp_file}", "retrain.qat=false"], overrides,
+                         logs / f"retrain-torch-pruning-{pth}-ratio{ratio:.4f}.log")
+                rm = rt["metrics"]
+                row = _row(
+                    dataset, "torch-pruning amount", pth, pruning_ratio=round(ratio, 5), params=n,
+                    gflops=model_figures(pruned, imgsz)["gflops"], kept_params_ratio=round(n / tm["params"], 4),
+                    mAP50_95_after_prune=rm["mAP50_95_after_load"], mAP50_95_after_retrain=rm["mAP50_95"],
+                    retrain_epochs=rm["epochs"], seconds=round(search_seconds + rt["seconds"], 1),
+                    retrain_run=rt["run_id"], search_seconds=round(search_seconds, 1), retrain_seconds=rt["seconds"],
+                    params_vs_ours=round(n / pm["params"] - 1, 4))
+                done[n] = row
+            theirs.append(row)
+            rows.append(row)
             save(rows, verdicts)
         verdicts.append(verdict(ours, theirs))
         save(rows, verdicts)
