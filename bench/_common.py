@@ -20,15 +20,9 @@ def add_out(ap: argparse.ArgumentParser, name: str) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(), "cpu_model": cpu,
+    from pipeline.engines.common import cpu_model
+
+    return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(), "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 

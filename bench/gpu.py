@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_out, write  # noqa: E402
 
+from pipeline.manifest import Manifest  # noqa: E402
+
 IMGSZ = 640
 BATCHES = (1, 16)
 
@@ -42,12 +44,6 @@ def compose_cfg(overrides: list[str]) -> Any:
         return compose("config", overrides=overrides)
 
 
-def output(record: dict[str, Any], results_dir: Path, role: str) -> Path:
-    from pipeline.manifest import Manifest
-
-    return Manifest(results_dir).abs(next(o["path"] for o in record["outputs"] if o["role"] == role))
-
-
 def training_speed(work: Path, overrides: list[str]) -> tuple[dict[str, Any], Path]:
     """2 epochs of the default experiment on GPU 0: images/s of the 2nd; returns (figures, best.pt)."""
     from pipeline.runner import run_stage
@@ -57,13 +53,13 @@ def training_speed(work: Path, overrides: list[str]) -> tuple[dict[str, Any], Pa
     record = run_stage(cfg, "train", [])
     if record["status"] != "succeeded":
         raise RuntimeError(f"stage=train failed: {record.get('error')}")
-    with open(output(record, work, "log"), newline="", encoding="utf-8") as f:
+    with open(Manifest(work).output_path(record, "log"), newline="", encoding="utf-8") as f:
         rows = [{k.strip(): v for k, v in r.items()} for r in csv.DictReader(f)]
     epoch_s = float(rows[-1]["time"]) - float(rows[-2]["time"])  # "time" is cumulative seconds
     images = int(record["dataset"]["images"]["train"])
     return {"train_images": images, "train_imgsz": int(cfg.train.imgsz), "train_batch": int(cfg.train.batch),
             "epoch_seconds": round(epoch_s, 2), "train_images_per_s": round(images / epoch_s, 1),
-            "train_record_seconds": record["seconds"], "gpu": torch.cuda.get_device_name(0)}, output(record, work, "model")
+            "train_record_seconds": record["seconds"], "gpu": torch.cuda.get_device_name(0)}, Manifest(work).output_path(record)
 
 
 def torch_latency(model_pt: Path, runs: int) -> dict[str, Any]:
@@ -99,7 +95,7 @@ def tensorrt_latency(work: Path, model_pt: Path, overrides: list[str], runs: int
     cfg = compose_cfg(["stage=export", f"results_dir={work}", f"export.input={model_pt}", f"export.imgsz={IMGSZ}",
                        "export.evaluate=false", *overrides])
     record = run_stage(cfg, "export", [])
-    onnx = output(record, work, "model")
+    onnx = Manifest(work).output_path(record)
     out: dict[str, Any] = {"onnx": str(onnx)}
     log = logging.getLogger("bench.gpu")
     for b in BATCHES:

@@ -170,11 +170,6 @@ def cli(results_dir: Path, stage_args: list[str], overrides: list[str], log_file
     return new[-1]
 
 
-def model_path(manifest: Manifest, record: dict[str, Any]) -> Path:
-    out = next(o for o in record["outputs"] if o["role"] == "model")
-    return manifest.abs(out["path"])
-
-
 def dataset_check(overrides: list[str], results_dir: Path) -> tuple[str, str | None]:
     """(dataset name, why it is unusable or None) from the config these overrides compose."""
     from hydra import compose, initialize_config_dir
@@ -249,7 +244,7 @@ def compare(results_dir: Path, pths: list[float], overrides: list[str], build: b
         print(f"[{dataset}] pth={pth}: ours", flush=True)
         pr = cli(results_dir, ["stage=prune", f"prune.input={base_path}", "prune.mode=threshold", f"prune.pth={pth}",
                                "prune.evaluate=false"], overrides, logs / f"prune-ours-{pth}.log")
-        rt = cli(results_dir, ["stage=retrain", f"retrain.input={model_path(manifest, pr)}", "retrain.qat=false"],
+        rt = cli(results_dir, ["stage=retrain", f"retrain.input={manifest.output_path(pr)}", "retrain.qat=false"],
                  overrides, logs / f"retrain-ours-{pth}.log")
         pm, rm = pr["metrics"], rt["metrics"]
         ours = _row(dataset, "ours", pth, params=pm["params"], gflops=pm["gflops"],

@@ -141,6 +141,13 @@ class Manifest:
         p = Path(rel_path)
         return p if p.is_absolute() else self.root / p
 
+    def output_path(self, record: dict[str, Any], role: str = "model") -> Path:
+        """Absolute path of a record's output with this role (KeyError when it has none)."""
+        for out in record["outputs"]:
+            if out["role"] == role:
+                return self.abs(out["path"])
+        raise KeyError(f"{record['run_id']} has no output with role {role!r}")
+
     def artifact(self, role: str, path: str | Path, produced_by: str | None = None) -> dict[str, Any]:
         """An inputs/outputs entry: relative path, sha256, bytes (a folder hashes its files)."""
         p = Path(path)
