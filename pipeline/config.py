@@ -194,6 +194,7 @@ class InferConfig:
     workers: int = 2  # background decode threads
     max_det: int = 300  # most boxes kept per image after NMS
     fast_decode: bool = True  # decode big JPEGs at 1/2-1/8 scale (libjpeg) when still >= the network input
+    threads: int = 0  # CPU compute threads for PyTorch models; 0 = every core this process may use
 
 
 @dataclass
@@ -283,6 +284,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "infer.iou": (0.0, 1.0),
     "infer.batch": (1, 4096),
     "infer.workers": (1, 256),
+    "infer.threads": (0, 1024),
     "infer.max_det": (1, 100000),
     "engine.threads": (1, 1024),
     "engine.calib_images": (1, 1000000),

@@ -21,3 +21,13 @@ def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -44,7 +44,8 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
 
     predictor = Predictor(ctx.input_path("model"), device=ctx.device, imgsz=icfg.imgsz, batch=int(icfg.batch),
                           conf=float(icfg.conf), iou=float(icfg.iou), max_det=int(icfg.max_det),
-                          workers=int(icfg.workers), fast_decode=bool(icfg.fast_decode))
+                          workers=int(icfg.workers), fast_decode=bool(icfg.fast_decode),
+                          threads=int(icfg.threads))
     ctx.log.info("infer: %d images in %s (%d skipped, %d other files); model %s (%s, %dx%d%s)",
                  len(scan.images), source, len(scan.skipped), len(scan.ignored), predictor.path.name,
                  predictor.format, *predictor.imgsz, ", rectangular batches" if predictor.rect else "")

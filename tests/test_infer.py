@@ -310,6 +310,29 @@ def test_backends_and_batch_sizes_agree(models, source):
             assert_boxes(got[rel], ref[rel], tol=2.5)
 
 
+def test_cpu_threads_default_to_every_core(models, source, monkeypatch):
+    """Ultralytics' select_device leaves torch one thread short of the cores; the predictor takes them all
+    (or infer.threads), and the thread count does not change the labels."""
+    import torch
+
+    from pipeline import predict
+
+    monkeypatch.setattr(predict, "cpu_count", lambda: 3)
+    before = torch.get_num_threads()
+    try:
+        Predictor(models["pt"], device="cpu")
+        assert torch.get_num_threads() == 3
+        one = predict_dir(models["pt"], source, threads=1)
+        assert torch.get_num_threads() == 1
+        three = predict_dir(models["pt"], source)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert set(one) == set(three) == {rel for rel in TRUTH}
+    for rel in one:
+        assert_boxes(one[rel], three[rel], tol=0.01)
+
+
 def test_fixed_model_refuses_other_imgsz(models):
     from pipeline.errors import UserError
 
