@@ -276,6 +276,12 @@ class Predictor:
         self.forward_batch = fixed_batch  # None: any batch size
         self.names = self._names()
         self._torch = torch
+        # oneDNN's CPU convolutions run NHWC without a reorder per layer: 1.2-1.4x for a PyTorch model
+        # here (docs/infer.md); the decoded images are NHWC already.
+        self.memory_format = torch.contiguous_format
+        if self.format == "pt" and self.device.type == "cpu":
+            self.memory_format = torch.channels_last
+            self.backend.model.to(memory_format=self.memory_format)
 
     # -- model facts ---------------------------------------------------------------------------------
     def _input_spec(self) -> tuple[tuple[int, int] | None, int | None]:
@@ -377,7 +383,7 @@ class Predictor:
 
         torch = self._torch
         x = torch.from_numpy(np.stack([b[1] for b in loaded])).to(self.device)
-        x = x.permute(0, 3, 1, 2).contiguous()
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
         x = (x.half() if self.backend.fp16 else x.float()).div_(255)
         with torch.inference_mode():
             if self.forward_batch is not None and x.shape[0] != self.forward_batch:
