@@ -186,6 +186,30 @@ def test_evaluate_checkpoint_and_module_agree(tiny_model_pt, tiny_data_yaml, tmp
         assert by_module[key] == pytest.approx(by_file[key], abs=1e-6)
 
 
+def test_cpu_evaluation_computes_on_every_core(tiny_model_pt, tiny_data_yaml, monkeypatch):
+    """Ultralytics leaves torch one thread short of the cores; evaluate() takes them all, then puts the
+    caller's count back."""
+    from pipeline import evaluation
+
+    seen = []
+    original = evaluation._every_core
+
+    def recorded(validator):
+        original(validator)
+        seen.append(torch.get_num_threads())
+
+    monkeypatch.setattr(evaluation, "cpu_count", lambda: 3)
+    monkeypatch.setattr(evaluation, "_every_core", recorded)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        evaluate(tiny_model_pt, tiny_data_yaml, imgsz=64, batch=8)
+        assert seen == [3]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_evaluate_refuses_what_the_user_can_fix(tiny_model_pt, tiny_data_yaml, tmp_path):
     with pytest.raises(UserError, match="split=test"):
         evaluate(tiny_model_pt, tiny_data_yaml, split="test")
