@@ -1,7 +1,8 @@
 """End to end through the CLI: the smoke sweep, the report, and what must survive it.
 
-One module-scoped sweep (`stage=all experiment=smoke -m prune.pth=0.3,0.6`) feeds the tests:
-it must train the baseline once and give one prune/retrain/export/engine lineage per pth.
+One module-scoped sweep (`stage=all experiment=smoke -m prune.pth=0.2,0.6`) feeds the tests:
+it must train the baseline once and give one prune/retrain/export/engine lineage per pth, and the
+higher threshold must cut more (issue #5's smoke acceptance).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def runs(results: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     results = tmp_path_factory.mktemp("e2e") / "results"
-    proc = run_cli("stage=all", "experiment=smoke", f"results_dir={results}", "-m", "prune.pth=0.3,0.6",
+    proc = run_cli("stage=all", "experiment=smoke", f"results_dir={results}", "-m", "prune.pth=0.2,0.6",
                    timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return results
@@ -42,12 +43,25 @@ def test_sweep_trains_once_and_branches_per_pth(sweep):
     for stage in ("prune", "retrain", "export", "engine"):
         assert count[stage] == 2, count
     prunes = [r for r in records if r["stage"] == "prune"]
-    assert sorted(r["metrics"]["pth"] for r in prunes) == [0.3, 0.6]
+    assert sorted(r["metrics"]["pth"] for r in prunes) == [0.2, 0.6]
     train_id = next(r["run_id"] for r in records if r["stage"] == "train")
     assert all(r["inputs"][0]["produced_by"] == train_id for r in prunes)
     # each retrain consumes its own prune run (lineage kept per sweep point)
     retrains = [r for r in records if r["stage"] == "retrain"]
     assert {r["inputs"][0]["produced_by"] for r in retrains} == {r["run_id"] for r in prunes}
+
+
+def test_higher_pth_keeps_fewer_params(sweep):
+    """After the smoke train, pth 0.6 removes channels that pth 0.2 keeps; neither grows the model."""
+    records = runs(sweep)
+    trained = next(r for r in records if r["stage"] == "train")["metrics"]["params"]
+    by_pth = {r["metrics"]["pth"]: r["metrics"] for r in records if r["stage"] == "prune"}
+    assert by_pth[0.6]["params"] < by_pth[0.2]["params"] <= trained, {k: v["params"] for k, v in by_pth.items()}
+    assert by_pth[0.6]["kept_params_ratio"] < 1.0
+    # the smaller model is the one retrained, exported and deployed on its branch
+    retrained = {r["inputs"][0]["produced_by"]: r["metrics"]["params"] for r in records if r["stage"] == "retrain"}
+    prune_ids = {r["metrics"]["pth"]: r["run_id"] for r in records if r["stage"] == "prune"}
+    assert retrained[prune_ids[0.6]] == by_pth[0.6]["params"]
 
 
 def test_every_model_record_has_map_and_size(sweep):
