@@ -9,8 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     YOLO_OFFLINE=1 \
     YOLO_AUTOINSTALL=false \
     ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS=1 \
-    YOLO_CONFIG_DIR=/tmp/yolo-config \
-    OPENVINO_TELEMETRY_OPT_OUT=1
+    YOLO_CONFIG_DIR=/tmp/yolo-config
+# (No OpenVINO telemetry variable: none is read; pipeline.yolo_env blocks it, docs/deploy.md.)
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -75,6 +75,10 @@ def evaluate(
         model = Path(model)
         if not model.exists():
             raise UserError(f"model {model} does not exist; give the path of a model file or folder")
+        if model.suffix == ".engine":
+            from pipeline.engines.tensorrt import check_compatible
+
+            check_compatible(model, strict=False)  # no TensorRT / another GPU: one line, exit 2
     names = _names(data)
     size = imgsz or model_imgsz(model) or 640
 

@@ -262,6 +262,10 @@ class Predictor:
             trained_imgsz = (getattr(module, "args", None) or {}).get("imgsz")
             weights: Any = module
         else:
+            if self.path.suffix == ".engine":
+                from pipeline.engines.tensorrt import check_compatible
+
+                check_compatible(self.path, strict=False)  # no TensorRT / another GPU: one line, exit 2
             weights = str(self.path)
         try:
             self.backend = AutoBackend(weights, device=self.device, fuse=True, verbose=False)

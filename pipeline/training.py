@@ -19,6 +19,8 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,12 +155,15 @@ def fit(
     sparsity: str = "none",
     sparsity_weight: float = 0.0,
     log: logging.Logger | None = None,
+    alongside: Callable[[Path], Any] | None = None,
 ) -> FitResult:
     """Train `model` on `data_yaml` with Ultralytics' trainer, writing into `save_dir`.
 
     `model`: a model name/YAML ("yolov8n.yaml", built with the dataset's classes), an nn.Module
     (trained as is), or, with `args["resume"]`, the last.pt of an interrupted run. `args` are
     Ultralytics train overrides (epochs, imgsz, batch, optimizer, lr0, device, freeze, quantize, ...).
+    `alongside(save_dir)` runs once training has ended, while best.pt is evaluated (on a thread when
+    the evaluation draws no plots; e.g. the curves PNG from results.csv); its errors propagate.
     """
     log = log or logging.getLogger("pipeline.training")
     if sparsity not in SPARSITY_KINDS:
@@ -220,10 +225,18 @@ def fit(
     if not best.exists():
         raise RuntimeError(f"training finished without writing a checkpoint in {trainer.wdir}")
     eval_device = str(trainer.args.device or "cpu").split(",")[0]
-    metrics = evaluate(
-        best, data_yaml, split="val", imgsz=trainer.args.imgsz, batch=int(trainer.args.batch),
-        device=eval_device, save_dir=save_dir, plots=bool(trainer.args.plots),
-    )
+    plots = bool(trainer.args.plots)
+    with ThreadPoolExecutor(1, thread_name_prefix="alongside") as pool:
+        # matplotlib is not thread-safe: with evaluation plots on, `alongside` waits its turn.
+        side = pool.submit(alongside, save_dir) if alongside is not None and not plots else None
+        metrics = evaluate(
+            best, data_yaml, split="val", imgsz=trainer.args.imgsz, batch=int(trainer.args.batch),
+            device=eval_device, save_dir=save_dir, plots=plots,
+        )
+        if side is not None:
+            side.result()
+        elif alongside is not None:
+            alongside(save_dir)
     metrics.pop("plots", None)
     return FitResult(best=best, last=trainer.last, metrics=metrics, epochs=epochs_in_log(save_dir / "results.csv"))
 

@@ -51,15 +51,16 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
 
     save_dir = ctx.run_dir / ULTRALYTICS_DIR
     t0 = time.perf_counter()
+    curves = ctx.run_dir / "curves.png"
     result = fit(model, data.data_yaml, save_dir, args, sparsity=str(tc.sparsity),
-                 sparsity_weight=float(tc.sparsity_weight), log=ctx.log)
+                 sparsity_weight=float(tc.sparsity_weight), log=ctx.log,
+                 alongside=lambda d: plot_curves(d / "results.csv", curves))
     seconds = time.perf_counter() - t0
 
     # Checkpoints and log move up to the run dir: that is where the manifest points.
     best = _move(result.best, ctx.run_dir / "best.pt")
     last = _move(result.last, ctx.run_dir / "last.pt") if result.last != result.best else best
     log_csv = _move(save_dir / "results.csv", ctx.run_dir / "results.csv")
-    curves = plot_curves(log_csv, ctx.run_dir / "curves.png")
 
     trained = load_model(best)
     size = model_imgsz(trained) or int(tc.imgsz)  # a resumed run keeps its checkpoint's size
@@ -161,16 +162,16 @@ def read_results(results_csv: Path) -> dict[str, list[float]]:
 
 def plot_curves(results_csv: Path, png: Path) -> Path:
     """Loss (train and val) and mAP per epoch as one PNG; matplotlib's bundled font, no downloads."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API, not pyplot: no global figure state, so it may draw on a background thread
+    # (fit's `alongside`) while the main thread evaluates.
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     cols = read_results(results_csv)
     epochs = cols.get("epoch", [])
     # Fixed margins instead of tight_layout: the layout pass cost more than the drawing.
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"wspace": 0.18})
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_map = fig.subplots(1, 2, gridspec_kw={"wspace": 0.18})
     fig.subplots_adjust(left=0.05, right=0.98, top=0.92, bottom=0.12)
     terms = sorted({k.split("/", 1)[1] for k in cols if k.startswith(("train/", "val/"))})
     for i, term in enumerate(terms):
@@ -187,7 +188,6 @@ def plot_curves(results_csv: Path, png: Path) -> Path:
     for ax in (ax_loss, ax_map):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     tmp = png.with_name(f".{png.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=100, format="png")
     os.replace(tmp, png)
     return png

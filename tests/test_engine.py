@@ -272,3 +272,18 @@ def test_tensorrt_builds_a_qdq_model_strongly_typed(qat_export, tiny_data_yaml):
     strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT >= 9
     assert record["metrics"]["strongly_typed"] is strongly_typed and "calib_images" not in record["metrics"]
     assert record["metrics"]["latency_ms"] > 0 and 0.0 <= record["metrics"]["mAP50_95"] <= 1.0
+
+
+@pytest.mark.skipif(trtb.available()[0], reason="TensorRT is usable here: the engine would be run")
+def test_engine_file_without_tensorrt_is_a_user_error(tmp_path, tiny_data_yaml):
+    """evaluate and infer on a .engine where TensorRT cannot run: one line naming the file, no traceback."""
+    from pipeline.errors import UserError
+    from pipeline.evaluation import evaluate
+    from pipeline.predict import Predictor
+
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match=r"model\.engine \(a TensorRT engine\) cannot run here"):
+        evaluate(engine, tiny_data_yaml)
+    with pytest.raises(UserError, match=r"model\.engine \(a TensorRT engine\) cannot run here"):
+        Predictor(engine, device="cpu")

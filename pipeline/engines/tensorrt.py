@@ -50,11 +50,11 @@ def available() -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__} imports and a CUDA GPU is present"
 
 
-def require() -> Any:
+def require(subject: str = "engine.backend=tensorrt") -> Any:
     """The tensorrt module, or a UserError that says how to get TensorRT and which CPU backends exist."""
     ok, why = available()
     if not ok:
-        raise UserError(f"engine.backend=tensorrt cannot run here: {why}. {HINT}")
+        raise UserError(f"{subject} cannot run here: {why}. {HINT}")
     import tensorrt as trt
 
     return trt
@@ -200,11 +200,17 @@ def _header(path: Path) -> tuple[int, dict[str, Any]]:
             return 0, {}
 
 
-def check_compatible(path: Path) -> None:
-    """Refuse an engine built for another TensorRT version or GPU, saying which and how to fix it."""
-    trt = require()
+def check_compatible(path: Path, strict: bool = True) -> None:
+    """Refuse an engine built for another TensorRT version or GPU, saying which and how to fix it.
+
+    `strict=False` (evaluate, infer) lets an engine without our build record (e.g. exported by
+    Ultralytics) through to TensorRT, which then decides; TensorRT itself must still be here.
+    """
+    trt = require(f"{path} (a TensorRT engine)")
     built = _header(path)[1].get("pipeline") or {}
     if not built:
+        if not strict:
+            return
         raise UserError(f"{path} has no build record (TensorRT version, GPU); rebuild it with stage=engine")
     here = device_facts()
     if built.get("tensorrt_version") != trt.__version__ or built.get("compute_capability") != here["compute_capability"]:
