@@ -7,8 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import pipeline  # noqa: F401  (offline-safe Ultralytics environment)
+
+# Hypothesis' per-example deadline (200 ms) is a timing assertion: on a loaded 2-core CI machine a
+# first example that imports or warms a cache can exceed it and fail a correct test. Speed is
+# measured by bench/, never asserted in tests.
+settings.register_profile("pipeline", deadline=None)
+settings.load_profile("pipeline")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PIPELINE_SHARED", REPO.parent / "shared"))

@@ -80,7 +80,8 @@ def safe_stem(rel: str) -> tuple[str, bool]:
     except UnicodeDecodeError:
         text, bad = raw.decode("utf-8", errors="replace"), True
     stem = os.path.splitext(text)[0]
-    parts = [_UNSAFE.sub("_", p) for p in Path(stem).parts]
+    given = [p for p in Path(stem).parts if p.strip("/\\")]  # no root anchor: "/x" is "x"
+    parts = [_UNSAFE.sub("_", p) for p in given]
     renamed = bad or parts != list(Path(stem).parts)
     return "__".join(parts) or "image", renamed
 
