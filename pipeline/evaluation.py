@@ -110,7 +110,7 @@ def _every_core(validator: Any) -> None:
 
     Ultralytics' select_device sets torch to cores - 1 threads (a core kept for training's data
     loaders; one thread on a 2-core machine), but a CPU validation loads its images in the main
-    thread (workers=0), so the forward pass may use them all: 1.4-1.8x faster here.
+    thread (workers=0), so the forward pass may use them all (docs/train-evaluate.md).
     """
     if getattr(validator.device, "type", None) == "cpu":
         torch.set_num_threads(cpu_count())
