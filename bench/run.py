@@ -123,9 +123,13 @@ def _prune_speed(r: dict[str, Any]) -> list[str]:
 
 
 def _train_overhead(r: dict[str, Any]) -> list[str]:
-    return [f"{r['epochs']} epoch, {r['images']} images at {r['imgsz']} px: ours {r['median_s']['ours']} s, "
-            f"plain Ultralytics {r['median_s']['plain']} s, ratio **{r['ratio_ours_over_plain']}** "
-            f"(goal < {r['goal_ratio_below']}).", ""]
+    line = (f"{r['epochs']} epoch, {r['images']} images at {r['imgsz']} px: ours {r['median_s']['ours']} s, "
+            f"plain Ultralytics {r['median_s']['plain']} s (same {r.get('threads', '?')} threads), ratio "
+            f"**{r['ratio_ours_over_plain']}** (goal < {r['goal_ratio_below']})")
+    if "ratio_ours_over_plain_default_threads" in r:
+        line += (f"; plain with Ultralytics' own thread count {r['median_s']['plain_default']} s, ratio "
+                 f"{r['ratio_ours_over_plain_default_threads']}")
+    return [line + ".", ""]
 
 
 def _infer_throughput(r: dict[str, Any]) -> list[str]:

@@ -73,6 +73,7 @@ class TrainConfig:
     warmup_epochs: float = 3.0
     patience: int = 100  # early stopping (epochs without improvement)
     workers: int = 2  # data loader workers
+    threads: int = 0  # CPU compute threads when training on the CPU; 0 = every core (Ultralytics: cores - 1)
     deterministic: bool = True
     device: str = "auto"  # auto | cpu | 0 | 0,1 (several GPUs run Ultralytics DDP)
     freeze: int = 0  # freeze the first N layers (fine-tuning)
@@ -126,6 +127,7 @@ class RetrainConfig:
     warmup_epochs: float = 3.0
     patience: int = 100
     workers: int = 2
+    threads: int = 0  # as train.threads
     deterministic: bool = True
     device: str = "auto"
     freeze: int = 0
@@ -264,8 +266,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "train.freeze": (0, 1000),
     "train.sparsity_weight": (0.0, 1.0),
     "train.nbs": (1, 4096),
+    "train.threads": (0, 1024),
     "retrain.epochs": (0, 100000),
     "retrain.nbs": (1, 4096),
+    "retrain.threads": (0, 1024),
     "retrain.qat_epochs": (0, 100000),
     "retrain.batch": (1, 4096),
     "retrain.imgsz": (32, 8192),

@@ -66,7 +66,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     # Phase 1: float recovery of the pruned module itself (fit never rebuilds it from a YAML).
     if rc.epochs > 0:
         result = fit(model, data.data_yaml, ctx.run_dir / "float", args, sparsity=str(rc.sparsity),
-                     sparsity_weight=float(rc.sparsity_weight), log=ctx.log)
+                     sparsity_weight=float(rc.sparsity_weight), log=ctx.log, threads=int(rc.threads))
         float_path = _move(result.best, ctx.run_dir / "float.pt")
         outputs += _logs(ctx.run_dir / "float", "float")
         final_path, final, epochs = float_path, result.metrics, result.epochs
@@ -87,7 +87,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
             if "," in device:
                 ctx.log.info("QAT phase runs on GPU %s only (quantised models cannot be sent to DDP workers)",
                              qat_args["device"])
-            result = fit(quantised, data.data_yaml, ctx.run_dir / "qat", qat_args, log=ctx.log)
+            result = fit(quantised, data.data_yaml, ctx.run_dir / "qat", qat_args, log=ctx.log, threads=int(rc.threads))
             final_path, final, qat_epochs = _move(result.best, ctx.run_dir / "model.pt"), result.metrics, result.epochs
             outputs += _logs(ctx.run_dir / "qat", "qat")
         else:  # calibration only: post-training fake-quantisation without fine-tuning

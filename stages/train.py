@@ -54,7 +54,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     curves = ctx.run_dir / "curves.png"
     result = fit(model, data.data_yaml, save_dir, args, sparsity=str(tc.sparsity),
                  sparsity_weight=float(tc.sparsity_weight), log=ctx.log,
-                 alongside=lambda d: plot_curves(d / "results.csv", curves))
+                 alongside=lambda d: plot_curves(d / "results.csv", curves), threads=int(tc.threads))
     seconds = time.perf_counter() - t0
 
     # Checkpoints and log move up to the run dir: that is where the manifest points.

@@ -137,6 +137,33 @@ def _name(model: nn.Module, param: nn.Parameter) -> str:
     return next(n for n, p in model.named_parameters() if p is param)
 
 
+def test_cpu_training_computes_on_every_core_then_restores(tiny_data_yaml, tmp_path, monkeypatch):
+    """Ultralytics leaves torch one thread short of the cores (and loads CPU batches in the main thread);
+    fit's CPU training loop uses them all, or `threads`, and the caller's count comes back afterwards."""
+    from pipeline import training
+
+    seen: list[int] = []
+    original = training._stop_on_nonfinite
+
+    def recorded(trainer):
+        seen.append(torch.get_num_threads())
+        original(trainer)
+
+    monkeypatch.setattr(training, "_stop_on_nonfinite", recorded)
+    monkeypatch.setattr(training, "cpu_count", lambda: 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fit(build_model("yolov8n", nc=2), tiny_data_yaml, tmp_path / "all", {**TINY, "epochs": 1})
+        assert seen and set(seen) == {3}
+        assert torch.get_num_threads() == 1
+        seen.clear()
+        fit(build_model("yolov8n", nc=2), tiny_data_yaml, tmp_path / "two", {**TINY, "epochs": 1}, threads=2)
+        assert seen and set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_nonfinite_loss_stops_with_a_message(tiny_data_yaml, tmp_path):
     with pytest.raises(UserError, match="diverged"):
         fit(build_model("yolov8n", nc=2), tiny_data_yaml, tmp_path / "nan", TINY, sparsity="l1",
