@@ -180,7 +180,7 @@ def fit(
     `model`: a model name/YAML ("yolov8n.yaml", built with the dataset's classes), an nn.Module
     (trained as is), or, with `args["resume"]`, the last.pt of an interrupted run. `args` are
     Ultralytics train overrides (epochs, imgsz, batch, optimizer, lr0, device, freeze, quantize, ...).
-    `threads`: PyTorch compute threads when training on the CPU (0 = every core; see `_cpu_threads`).
+    `threads`: PyTorch compute threads when training on the CPU (0 = every core; see `_CpuThreads`).
     `alongside(save_dir)` runs once training has ended, while best.pt is evaluated (on a thread when
     the evaluation draws no plots; e.g. the curves PNG from results.csv); its errors propagate.
     """
@@ -220,6 +220,7 @@ def fit(
             raise UserError(f"fit() takes a loaded module or a model YAML, not {model}; load it with pipeline.models")
         overrides["model"] = str(model)
 
+    threads_before = torch.get_num_threads()  # the trainer's select_device changes it; restored at the end
     try:
         trainer = PipelineTrainer(overrides=overrides)
     except FileNotFoundError as exc:
@@ -232,7 +233,6 @@ def fit(
     trainer.add_callback("on_train_batch_end", _stop_on_nonfinite)
     if trainer.device.type == "cpu":
         trainer.add_callback("on_pretrain_routine_end", _CpuThreads(int(threads) or cpu_count()))
-    threads_before = torch.get_num_threads()
     try:
         trainer.train()
     except AssertionError as exc:  # Ultralytics asserts when a resumed run has nothing left to train
