@@ -33,7 +33,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.devices import cpu_count
+from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
 
 AP_MODES = ("coco", "voc11", "voc_integrate")
@@ -92,12 +92,9 @@ def evaluate(
         }
         validator = _recorder_class()(save_dir=out, args=args)
         validator.add_callback("on_val_start", _every_core)
-        threads = torch.get_num_threads()
-        try:
+        with threads_kept():
             # A module is deep-copied by the validator (get_model) before AutoBackend fuses it.
             validator(model=model if isinstance(model, nn.Module) else str(model))
-        finally:
-            torch.set_num_threads(threads)
         result = summarize(validator.matched, names, ap_mode=ap_mode)
         result["images"] = int(validator.seen)
         if plots:
@@ -106,14 +103,9 @@ def evaluate(
 
 
 def _every_core(validator: Any) -> None:
-    """on_val_start: a CPU evaluation computes on every core.
-
-    Ultralytics' select_device sets torch to cores - 1 threads (a core kept for training's data
-    loaders; one thread on a 2-core machine), but a CPU validation loads its images in the main
-    thread (workers=0), so the forward pass may use them all (docs/train-evaluate.md).
-    """
+    """on_val_start (after the validator's select_device): a CPU evaluation computes on every core."""
     if getattr(validator.device, "type", None) == "cpu":
-        torch.set_num_threads(cpu_count())
+        use_cores()
 
 
 @functools.cache

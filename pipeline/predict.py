@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.datasets.fs import walk
 from pipeline.datasets.images import IMAGE_EXTENSIONS, to_rgb8
-from pipeline.devices import cpu_count
+from pipeline.devices import use_cores
 from pipeline.errors import UserError
 
 PAD_VALUE = 114  # Ultralytics' letterbox grey
@@ -250,10 +250,8 @@ class Predictor:
         self.workers, self.fast_decode = max(1, int(workers)), bool(fast_decode)
         self.device = select_device(device, verbose=False)
         if self.device.type == "cpu":
-            # select_device leaves one core to data loaders (torch threads = cores - 1: half of a 2-core
-            # machine). Inference decodes on its own threads, which mostly wait on I/O and libjpeg, so the
-            # forward pass gets every core: 1.6-2x images/s on 2 cores (docs/infer.md).
-            torch.set_num_threads(int(threads) or cpu_count())
+            # Decoding runs on its own threads, which mostly wait on I/O and libjpeg (pipeline.devices).
+            use_cores(threads)
         trained_imgsz = None
         if self.path.suffix == ".pt":
             from pipeline.models import load_model

@@ -31,7 +31,7 @@ from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
-from pipeline.devices import cpu_count
+from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
 from pipeline.evaluation import evaluate
 
@@ -137,19 +137,13 @@ def _unwrap_criterion(model: nn.Module) -> None:
 
 
 class _CpuThreads:
-    """on_pretrain_routine_end: the CPU training loop computes on `n` threads.
-
-    Ultralytics' select_device sets PyTorch to cores - 1 threads on a CPU (a core kept for data
-    loader workers), yet its trainer sets workers=0 on a CPU (images load in the main thread,
-    between steps), so that core idles: on a 2-core machine the forward and backward passes ran on
-    one thread. Every core computing trains an epoch 1.35-1.6x faster there (docs/train-evaluate.md).
-    """
+    """on_pretrain_routine_end (after the trainer's select_device): train on `n` CPU threads (0 = all)."""
 
     def __init__(self, n: int):
         self.n = n
 
     def __call__(self, trainer: DetectionTrainer) -> None:
-        torch.set_num_threads(self.n)
+        use_cores(self.n)
 
 
 def _stop_on_nonfinite(trainer: DetectionTrainer) -> None:
@@ -163,6 +157,7 @@ def _stop_on_nonfinite(trainer: DetectionTrainer) -> None:
         )
 
 
+@threads_kept()  # the caller's PyTorch thread count comes back (select_device and _CpuThreads change it)
 def fit(
     model: str | nn.Module,
     data_yaml: str | Path,
@@ -180,7 +175,7 @@ def fit(
     `model`: a model name/YAML ("yolov8n.yaml", built with the dataset's classes), an nn.Module
     (trained as is), or, with `args["resume"]`, the last.pt of an interrupted run. `args` are
     Ultralytics train overrides (epochs, imgsz, batch, optimizer, lr0, device, freeze, quantize, ...).
-    `threads`: PyTorch compute threads when training on the CPU (0 = every core; see `_CpuThreads`).
+    `threads`: PyTorch compute threads when training on the CPU (0 = every core; pipeline.devices says why).
     `alongside(save_dir)` runs once training has ended, while best.pt is evaluated (on a thread when
     the evaluation draws no plots; e.g. the curves PNG from results.csv); its errors propagate.
     """
@@ -220,7 +215,6 @@ def fit(
             raise UserError(f"fit() takes a loaded module or a model YAML, not {model}; load it with pipeline.models")
         overrides["model"] = str(model)
 
-    threads_before = torch.get_num_threads()  # the trainer's select_device changes it; restored at the end
     try:
         trainer = PipelineTrainer(overrides=overrides)
     except FileNotFoundError as exc:
@@ -232,7 +226,7 @@ def fit(
         log.info("sparsity regularisation: %s x %g", sparsity, sparsity_weight)
     trainer.add_callback("on_train_batch_end", _stop_on_nonfinite)
     if trainer.device.type == "cpu":
-        trainer.add_callback("on_pretrain_routine_end", _CpuThreads(int(threads) or cpu_count()))
+        trainer.add_callback("on_pretrain_routine_end", _CpuThreads(threads))
     try:
         trainer.train()
     except AssertionError as exc:  # Ultralytics asserts when a resumed run has nothing left to train
@@ -240,7 +234,6 @@ def fit(
             raise UserError(f"cannot resume from {model}: {str(exc).splitlines()[0]}") from None
         raise
     finally:
-        torch.set_num_threads(threads_before)
         if isinstance(trainer.model, nn.Module):
             _unwrap_criterion(unwrap_model(trainer.model))
 

@@ -189,7 +189,7 @@ def test_evaluate_checkpoint_and_module_agree(tiny_model_pt, tiny_data_yaml, tmp
 def test_cpu_evaluation_computes_on_every_core(tiny_model_pt, tiny_data_yaml, monkeypatch):
     """Ultralytics leaves torch one thread short of the cores; evaluate() takes them all, then puts the
     caller's count back."""
-    from pipeline import evaluation
+    from pipeline import devices, evaluation
 
     seen = []
     original = evaluation._every_core
@@ -198,7 +198,7 @@ def test_cpu_evaluation_computes_on_every_core(tiny_model_pt, tiny_data_yaml, mo
         original(validator)
         seen.append(torch.get_num_threads())
 
-    monkeypatch.setattr(evaluation, "cpu_count", lambda: 3)
+    monkeypatch.setattr(devices, "cpu_count", lambda: 3)
     monkeypatch.setattr(evaluation, "_every_core", recorded)
     before = torch.get_num_threads()
     try:

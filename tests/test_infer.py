@@ -315,9 +315,9 @@ def test_cpu_threads_default_to_every_core(models, source, monkeypatch):
     (or infer.threads), and the thread count does not change the labels."""
     import torch
 
-    from pipeline import predict
+    from pipeline import devices
 
-    monkeypatch.setattr(predict, "cpu_count", lambda: 3)
+    monkeypatch.setattr(devices, "cpu_count", lambda: 3)
     before = torch.get_num_threads()
     try:
         Predictor(models["pt"], device="cpu")

@@ -140,7 +140,7 @@ def _name(model: nn.Module, param: nn.Parameter) -> str:
 def test_cpu_training_computes_on_every_core_then_restores(tiny_data_yaml, tmp_path, monkeypatch):
     """Ultralytics leaves torch one thread short of the cores (and loads CPU batches in the main thread);
     fit's CPU training loop uses them all, or `threads`, and the caller's count comes back afterwards."""
-    from pipeline import training
+    from pipeline import devices, training
 
     seen: list[int] = []
     original = training._stop_on_nonfinite
@@ -150,7 +150,7 @@ def test_cpu_training_computes_on_every_core_then_restores(tiny_data_yaml, tmp_p
         original(trainer)
 
     monkeypatch.setattr(training, "_stop_on_nonfinite", recorded)
-    monkeypatch.setattr(training, "cpu_count", lambda: 3)
+    monkeypatch.setattr(devices, "cpu_count", lambda: 3)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(5)  # neither Ultralytics' count (cores - 1) nor ours
