@@ -123,7 +123,9 @@ def runner(row: dict[str, Any], x: Any, threads: int) -> Any:
         return lambda: sess.run(None, {name: x})
     xml = next(Path(row["path"]).glob("*.xml"))
     compiled = ovb.compile_static(xml, x.shape, threads)
-    row["executed_precision"] = ovb.executed_precision(compiled)["executed_precision"]
+    executed = ovb.executed_precision(compiled)
+    row["executed_precision"] = executed["executed_precision"]
+    row["inference_precision_hint"] = executed["inference_precision_hint"]  # ours: recorded f32; vendor: the CPU's
     return lambda: ovb.infer(compiled, x)
 
 

@@ -166,6 +166,9 @@ class EngineConfig:
     input: str | None = None  # ONNX model (default: newest export output)
     backend: str = "auto"  # auto | tensorrt | openvino | onnxruntime
     precision: str = "int8"  # fp32 | fp16 | int8
+    # OpenVINO: precision of the float parts (an fp32 IR, the INT8 IR's Detect decode), recorded with
+    # the IR and set wherever it is compiled; auto = the CPU's default (bf16 on BF16 CPUs)
+    float_precision: str = "f32"  # f32 | bf16 | f16 | auto
     calib_dir: str | None = None  # calibration images (default: the training split; never random data)
     calib_images: int = 256  # images used for PTQ calibration
     calib_batch: int = 8
@@ -245,6 +248,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "prune.equalization": ("union", "intersection", "arithmetic_mean", "geometric_mean"),
     "engine.backend": ("auto", "tensorrt", "openvino", "onnxruntime"),
     "engine.precision": ("fp32", "fp16", "int8"),
+    "engine.float_precision": ("f32", "bf16", "f16", "auto"),
 }
 
 _RANGES: dict[str, tuple[float, float]] = {

@@ -75,6 +75,10 @@ def evaluate(
         model = Path(model)
         if not model.exists():
             raise UserError(f"model {model} does not exist; give the path of a model file or folder")
+        if model.is_dir():  # an *_openvino_model/ folder: compiled at the float precision it records
+            from pipeline.engines.openvino import honour_recorded_precision
+
+            honour_recorded_precision()
         if model.suffix == ".engine":
             from pipeline.engines.tensorrt import check_compatible
 

@@ -260,6 +260,10 @@ class Predictor:
             trained_imgsz = (getattr(module, "args", None) or {}).get("imgsz")
             weights: Any = module
         else:
+            if self.path.is_dir():  # an *_openvino_model/ folder: compiled at the float precision it records
+                from pipeline.engines.openvino import honour_recorded_precision
+
+                honour_recorded_precision()
             if self.path.suffix == ".engine":
                 from pipeline.engines.tensorrt import check_compatible
 

@@ -115,7 +115,8 @@ def _openvino(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
     # The parity check compares OpenVINO with ONNX Runtime on the graph OpenVINO read (with the
     # overflow fix: the 7-bit-weight one); the fix's own effect shows in mAP50_95 vs source_mAP50_95.
     fixed = ctx.run_dir / "qdq_7bit_weights.onnx" if qdq and e.overflow_fix else None
-    metrics: dict[str, Any] = ovb.build(src, folder, precision, qdq, calib, meta, ctx.log, overflow_fix=fixed)
+    metrics: dict[str, Any] = ovb.build(src, folder, precision, qdq, calib, meta, ctx.log, overflow_fix=fixed,
+                                        float_precision=str(e.float_precision))
     x = real_batch(ctx, imgsz, n=1)
     compiled = ovb.compile_static(folder / "model.xml", x.shape, int(e.threads))
     metrics.update(ovb.executed_precision(compiled))

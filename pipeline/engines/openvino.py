@@ -8,6 +8,11 @@
   weights (255 x 63 x 2 < 32767) the IR is right on every x86 CPU, at a measured cost of 0.0003.
 - A float ONNX becomes fp32, fp16 (weights stored in FP16) or int8 (NNCF post-training
   quantisation on real images, Detect decode kept in float, as for ONNX Runtime).
+- The float parts (an fp32 IR; the Detect decode and any float island of an INT8 IR) run at the
+  precision recorded with the IR (`float_precision` in metadata.yaml, default f32), set as
+  `INFERENCE_PRECISION_HINT` wherever the IR is compiled: here, and inside Ultralytics' AutoBackend
+  (`honour_recorded_precision`). Left to the runtime, a CPU with BF16 (Sapphire Rapids, Zen 4) runs
+  them in bf16 and one without runs f32, so the same IR gave boxes up to 35 px apart (docs/deploy.md).
 - `openvino.convert_model` stores the weights of quantised layers as INT8 in the .bin (a QDQ
   ONNX read with `Core.read_model` would keep them FP32: 13.4 vs 3.1 MB for yolov8n);
   `pipeline.yolo_env` blocks the telemetry that the converter and NNCF would otherwise send.
@@ -15,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections import Counter
@@ -32,6 +38,8 @@ HINT = ("install it with `pip install openvino nncf` (both on PyPI and ordinary 
         "package), or choose engine.backend=onnxruntime")
 COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 _NOT_OPS = ("Parameter", "Result", "Constant")
+# engine.float_precision -> OpenVINO's INFERENCE_PRECISION_HINT; "auto" leaves the runtime's choice.
+FLOAT_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "auto": None}
 
 
 def require_openvino(int8: bool = False) -> Any:
@@ -68,14 +76,19 @@ class _Images:
 
 
 def build(src: Path, out_dir: Path, precision: str, qdq: bool, calib: CalibrationSet | None,
-          meta: dict[str, Any], log: Any, overflow_fix: Path | None = None) -> dict[str, Any]:
+          meta: dict[str, Any], log: Any, overflow_fix: Path | None = None,
+          float_precision: str = "f32") -> dict[str, Any]:
     """Write `out_dir` (a `*_openvino_model/` folder: model.xml, model.bin, metadata.yaml) from an ONNX.
 
     `overflow_fix`: for a QDQ input, where to write the 7-bit-weight ONNX that OpenVINO then reads
-    (kept for the caller's parity check); None reads `src` as it is.
+    (kept for the caller's parity check); None reads `src` as it is. `float_precision` (a key of
+    FLOAT_PRECISIONS) is recorded with the IR and applied wherever it is compiled.
     """
+    if float_precision not in FLOAT_PRECISIONS:
+        raise ValueError(f"float_precision={float_precision!r}; expected one of {sorted(FLOAT_PRECISIONS)}")
     ov = require_openvino()
-    info: dict[str, Any] = {"quantization": "none"}
+    meta = {**meta, "float_precision": float_precision}
+    info: dict[str, Any] = {"quantization": "none", "float_precision": float_precision}
     if qdq and overflow_fix is not None:
         import onnx
 
@@ -165,15 +178,82 @@ def _set_rt_info(model: Any, meta: dict[str, Any]) -> None:
     model.set_rt_info([255.0], ["model_info", "scale_values"])
     model.set_rt_info([str(v).replace(" ", "_") for v in names.values()], ["model_info", "labels"])
     model.set_rt_info("fit_to_window_letterbox", ["model_info", "resize_type"])
+    hint = FLOAT_PRECISIONS.get(str(meta.get("float_precision", "auto")))
+    if hint is not None:  # OpenVINO's own place for compile options that travel with a model
+        model.set_rt_info(hint, ["runtime_options", "INFERENCE_PRECISION_HINT"])
 
 
-def compile_static(xml: Path, shape: tuple[int, ...], threads: int) -> Any:
-    """The IR compiled for the CPU at a fixed input shape, `threads` inference threads, latency mode."""
+def recorded_precision(ir: Path) -> str:
+    """The float precision recorded with an IR folder or .xml (`auto` for IRs that record none)."""
+    import yaml
+
+    folder = ir if ir.is_dir() else ir.parent
+    try:
+        meta = yaml.safe_load((folder / "metadata.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return "auto"
+    value = str(meta.get("float_precision", "auto")) if isinstance(meta, dict) else "auto"
+    return value if value in FLOAT_PRECISIONS else "auto"
+
+
+def compile_config(float_precision: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`base` compile options plus the INFERENCE_PRECISION_HINT that `float_precision` stands for."""
+    config = dict(base or {})
+    hint = FLOAT_PRECISIONS[float_precision]
+    if hint is not None:
+        config["INFERENCE_PRECISION_HINT"] = hint
+    return config
+
+
+def honour_recorded_precision() -> None:
+    """Make Ultralytics' AutoBackend compile our IRs at their recorded float precision (idempotent).
+
+    AutoBackend compiles an IR with the runtime's default precision (bf16 on a BF16 CPU) and
+    recompiles it per input shape on AMX CPUs; its OpenVINO backend is swapped for a subclass that
+    adds the recorded hint to the compile options it keeps, so every compile it makes honours it.
+    """
+    from ultralytics.nn.autobackend import AutoBackend
+    from ultralytics.nn.backends.openvino import OpenVINOBackend
+
+    current = AutoBackend._BACKEND_MAP.get("openvino")
+    if current is None or getattr(current, "honours_recorded_precision", False):
+        return
+
+    class RecordedPrecisionBackend(current):  # type: ignore[misc, valid-type]
+        honours_recorded_precision = True
+
+        def load_model(self, weight: str | Path) -> None:
+            super().load_model(weight)
+            w = Path(weight)
+            xml = w if w.is_file() else next(w.glob("*.xml"))
+            fp = recorded_precision(xml)
+            if FLOAT_PRECISIONS[fp] is None:
+                return
+            part = self.compile_model  # functools.partial(core.compile_model, device_name=..., config=...)
+            config = compile_config(fp, part.keywords.get("config"))
+            self.compile_model = functools.partial(part.func, *part.args, **{**part.keywords, "config": config})
+            model = self.read_model() if getattr(self, "read_model", None) is not None else None
+            if model is None:
+                model = part.func.__self__.read_model(model=str(xml), weights=xml.with_suffix(".bin"))
+            self.ov_compiled_model = self.compile_model(model)
+
+    assert issubclass(RecordedPrecisionBackend, OpenVINOBackend)
+    AutoBackend._BACKEND_MAP["openvino"] = RecordedPrecisionBackend
+
+
+def compile_static(xml: Path, shape: tuple[int, ...], threads: int, float_precision: str | None = None) -> Any:
+    """The IR compiled for the CPU at a fixed input shape, `threads` inference threads, latency mode.
+
+    `float_precision` None: the precision recorded with the IR (`auto`, the runtime's choice, for an
+    IR that records none, e.g. one exported by another tool).
+    """
     ov = require_openvino()
     core = ov.Core()
     model = core.read_model(str(xml))
     model.reshape(list(shape))
-    return core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"})
+    fp = float_precision or recorded_precision(Path(xml))
+    config = compile_config(fp, {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"})
+    return core.compile_model(model, "CPU", config)
 
 
 def infer(compiled: Any, batch: np.ndarray) -> np.ndarray:
@@ -195,4 +275,5 @@ def executed_precision(compiled: Any) -> dict[str, Any]:
     int8 = counts["i8"] + counts["u8"]
     precision = ("int8" if int8 else "bf16" if counts["bf16"] else "fp16" if counts["f16"] else "fp32")
     return {"executed_precision": precision, "int8_layers": int8, "compute_layers": sum(counts.values()),
-            "runtime_precisions": dict(counts)}
+            "runtime_precisions": dict(counts),
+            "inference_precision_hint": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
