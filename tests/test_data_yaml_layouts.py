@@ -223,6 +223,19 @@ def test_unrelated_yaml_beside_a_folder_is_not_used(tmp_path):
     assert open_source(str(tmp_path / "ex" / "other"), "auto").format == "darknet"
 
 
+def test_dot_path_means_the_yamls_folder_wherever_it_is_run_from(tmp_path, monkeypatch):
+    """Ultralytics reads `path: .` from the working folder; ours from the yaml's folder where its splits are."""
+    yaml_file = classic(tmp_path / "ds", "path: .\ntrain: images/train\nval: images/val\n" + NAMES)
+    images(tmp_path / "images" / "train")
+    images(tmp_path / "images" / "val")
+    monkeypatch.chdir(tmp_path)
+    assert YoloImporter(yaml_file).root == (tmp_path / "ds").resolve()
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "data.yaml").write_text(yaml_file.read_text())
+    importer = YoloImporter(tmp_path / "cfg" / "data.yaml")  # no splits beside it: the working folder's, as Ultralytics
+    assert importer.root == tmp_path.resolve() and "read from the working folder" in importer.notes[0]
+
+
 def test_several_yamls_name_the_key_that_picks_one(tmp_path):
     folder = _two_yamls(tmp_path)
     with pytest.raises(UserError, match=r"has 2 dataset YAMLs \(.*copy\.yaml, .*data\.yaml\); "

@@ -239,7 +239,7 @@ class YoloImporter:
             raise UserError(f"{self.where} has no `train:` entry; name the training images")
 
     def _root(self) -> Path:
-        """`path:`, else the yaml's folder. Relative: the working folder (Ultralytics), then the yaml's folder."""
+        """`path:`, else the yaml's folder. Relative: from the yaml's folder, else the working folder (Ultralytics)."""
         base = self.yaml_file.parent
         value = self.data.get("path")
         if not value:
@@ -247,7 +247,9 @@ class YoloImporter:
         if not isinstance(value, str):
             raise UserError(f"{self.where}: path: must be a folder, not {value!r}")
         p = Path(value).expanduser()
-        tries = [p] if p.is_absolute() else [Path.cwd() / p, base / p]
+        # Ultralytics reads a relative `path:` from the working folder only, so `path: .` would mean
+        # another dataset when run from elsewhere; the yaml's folder comes first where its splits exist.
+        tries = [p] if p.is_absolute() else [base / p, Path.cwd() / p]
         found = list(dict.fromkeys(t.resolve() for t in tries if t.is_dir()))
         if not found:
             # Ultralytics would go on to look under its own datasets_dir setting; the pipeline's
@@ -255,10 +257,9 @@ class YoloImporter:
             tried = ", ".join(str(t) for t in dict.fromkeys(tries))
             raise UserError(f"{self.where}: path: {value} points nowhere (no folder {tried}); write `path:` "
                             "absolute or relative to the data.yaml (Ultralytics' datasets_dir is not searched)")
-        # Ultralytics takes the first; the yaml's folder is ours, for a file run from elsewhere.
         root = next((r for r in found if _resolves(r, self.data, self.USED)), found[0])
-        if root != found[0]:
-            self.notes.append(f"path: {value} read relative to the data.yaml's folder ({root})")
+        if not p.is_absolute() and root != (base / p).resolve():
+            self.notes.append(f"path: {value} read from the working folder, as Ultralytics does ({root})")
         return root
 
     def _entries(self, split: str) -> list[Path]:
