@@ -204,7 +204,8 @@ def test_roboflow_missing_test_is_noted_not_refused(tmp_path):
     importer = open_source(str(roboflow(tmp_path / "ex")), "auto")
     source = importer.scan()
     assert sorted(importer.splits) == ["train", "val"]
-    assert any(n.startswith("test: ../test/images points nowhere") for n in source.notes)
+    assert f"test: ../test/images points nowhere (neither {tmp_path / 'test' / 'images'} nor " \
+           f"{tmp_path / 'ex' / 'test' / 'images'} exists): the test split is not imported" in source.notes
     assert importer.splits["train"] == [(tmp_path / "ex" / "train" / "images").resolve()]
 
 
@@ -274,7 +275,7 @@ def test_documented_differences(layout, build, ultralytics_accepts, refusal, tmp
     ("names_dict_null_at_1", r"names ids must run 0..0 without gaps, got \[1\]"),
     ("val_empty_folder", r"val: \.\./valid/images holds no image; add its images, or remove the `val:` line to get "
                          r"a seeded split"),
-    ("val_missing", r"val: images/nope points nowhere \(.*images/nope exists\); fix the data.yaml"),
+    ("val_missing", r"val: images/nope points nowhere \(.*images/nope does not exist\); fix the data.yaml"),
     ("path_nowhere", r"path: nowhere points nowhere .*Ultralytics' datasets_dir is not searched"),
 ])
 def test_refusals_are_one_line_naming_the_key(layout, message, tmp_path, monkeypatch):

@@ -269,7 +269,8 @@ class YoloImporter:
             if hit is not None:
                 out.append(hit)
                 continue
-            nowhere = f"{split}: {v} points nowhere ({' nor '.join(str(t) for t in tries)} exists)"
+            missing = f"neither {tries[0]} nor {tries[1]} exists" if len(tries) > 1 else f"{tries[0]} does not exist"
+            nowhere = f"{split}: {v} points nowhere ({missing})"
             if split not in self.USED:
                 self.notes.append(f"{nowhere}: the {split} split is not imported")
                 return []
