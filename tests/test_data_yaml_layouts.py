@@ -73,6 +73,21 @@ def _txt_absolute(t: Path) -> Path:
     return y
 
 
+def _txt_from_cwd(t: Path) -> Path:
+    """List lines without `./` are read from the working folder (tmp here), as Ultralytics does."""
+    y = classic(t / "ds", "train: train.txt\nval: images/val\n" + NAMES)
+    files = sorted((t / "ds" / "images" / "train").glob("*.jpg"))
+    (t / "ds" / "train.txt").write_text("".join(f"ds/images/train/{f.name}\n" for f in files))
+    return y
+
+
+def _empty_train(t: Path) -> Path:
+    y = classic(t / "ds", "train: images/train\nval: images/val\n" + NAMES)
+    for f in (t / "ds" / "images" / "train").iterdir():
+        f.unlink()
+    return y
+
+
 def _two_yamls(t: Path) -> Path:
     roboflow(t / "ex")
     (t / "ex" / "copy.yaml").write_text((t / "ex" / "data.yaml").read_text())
@@ -119,6 +134,8 @@ LAYOUTS: dict[str, Callable[[Path], Path]] = {
                                                + NAMES),
     "txt_list_dot_slash": _txt_lists,
     "txt_list_absolute": _txt_absolute,
+    "txt_list_from_cwd": _txt_from_cwd,
+    "train_empty_folder": _empty_train,
     "test_named_missing": lambda t: classic(t / "ds", "train: images/train\nval: images/val\ntest: images/test\n"
                                             + NAMES),
     "val_missing": lambda t: classic(t / "ds", "train: images/train\nval: images/nope\n" + NAMES),

@@ -295,10 +295,13 @@ class YoloImporter:
                     label_dirs.add(_labels_dir(entry))
             if len(source.items) == before:
                 # Ultralytics refuses an empty split too; a seeded split in its place would hide the mistake.
-                entry_text = ", ".join(str(v) for v, _ in _split_paths(self.root, self.data[split]))
-                if split in self.USED:
-                    raise UserError(f"{self.where}: {split}: {entry_text} holds no image; add its images, or "
-                                    f"remove the `{split}:` line" + (" to get a seeded split" if split == "val" else ""))
+                value = self.data[split]
+                entry_text = ", ".join(value) if isinstance(value, list) else value
+                if split == "train":
+                    raise UserError(f"{self.where}: train: {entry_text} holds no image; add the training images")
+                if split == "val":
+                    raise UserError(f"{self.where}: val: {entry_text} holds no image; add its images, or remove "
+                                    "the `val:` line to get a seeded split")
                 source.notes.append(f"{split}: {entry_text} holds no image")
         used = {i.label for i in source.items if i.label is not None}
         txts = [t for d in sorted(label_dirs) if d.is_dir() for t in walk(d).files if t.suffix == ".txt"]
