@@ -47,7 +47,7 @@ class StageSpec:
         return min(self.upstream, key=lambda s: order.index(s) if s in order else len(order))
 
 
-# In stage=all order; a stage's upstream stages come before it.
+# In stage=all order.
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("dataset", "stages.dataset", in_all=False),
     StageSpec("kmeans", "stages.kmeans"),
