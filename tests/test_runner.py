@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,24 @@ def test_heartbeat_refreshes_while_the_stage_runs(tmp_path, fake_stages, monkeyp
     rec = run_stage(make_cfg(tmp_path), "kmeans")
     assert rec["metrics"]["beat"] is True
     assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")]  # stopped with the stage
+
+
+def test_resume_finds_a_run_killed_on_another_host(tmp_path):
+    """A container's run kill -9'd: another hostname, a pid that means nothing here, a stopped heartbeat."""
+    import logging
+
+    from pipeline.context import StageContext
+    from pipeline.manifest import RUNNING, STALE_AFTER_S
+    from stages.train import _interrupted_last
+
+    m = Manifest(tmp_path)
+    run_dir = tmp_path / "train" / "train-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt").write_bytes(b"checkpoint")
+    beat = (datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER_S + 1)).isoformat(timespec="seconds")
+    m.add({"run_id": "train-1", "stage": "train", "status": RUNNING, "host": "container-4f2a", "pid": 1,
+           "started": beat, "heartbeat": beat, "run_dir": "train/train-1", "inputs": [], "outputs": []})
+    ctx = StageContext(cfg=None, stage="train", run_id="train-2", run_dir=tmp_path / "train" / "train-2",
+                       manifest=m, log=logging.getLogger("test"))
+    assert _interrupted_last(ctx) == run_dir / "last.pt"
+    assert ctx.extra["resumed_from"] == "train-1"
