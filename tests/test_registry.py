@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,15 @@ def test_stage_help_dispatches_to_the_key_printer(tmp_path, monkeypatch):
     app.run(make_cfg(tmp_path, "stage=help"), [])
     assert printed == [True]
     assert not (tmp_path / "manifest.json").exists()  # help records nothing
+
+
+def test_the_docs_table_is_the_registry():
+    text = (REPO / "docs" / "pipeline.md").read_text(encoding="utf-8")
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    table = {cells[0].strip(): cells for cells in rows[1:]}
+    assert list(table) == list(STAGES)
+    for name, (_, upstream, model, reads) in table.items():
+        row = STAGES[name]
+        assert set(re.findall(r"[a-z]+", upstream)) & set(STAGES) == set(row.upstream), name
+        assert (model.strip() == "yes") == row.produces_model, name
+        assert reads.strip() == (", ".join(row.reads) or "-"), name
