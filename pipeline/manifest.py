@@ -293,8 +293,7 @@ class Manifest:
                 key = f"{i}:{problem}"
                 if key not in self._skipped:
                     self._skipped.add(key)
-                    log.warning("WARNING: %s: entry %d %s; skipped (remove it, or restore it from %s)",
-                                self.path, i, problem, BACKUP)
+                    log.warning("WARNING: %s: entry %d %s; skipped (fix or remove that entry)", self.path, i, problem)
                 continue
             reason = interrupted(r, host)
             if reason is not None:
