@@ -1,4 +1,7 @@
-"""Dispatch `stage=...` to the runner; `stage=all` chains the stages with reuse."""
+"""Dispatch `stage=...`: a recorded stage goes to the runner; `all`, `report` and `help` are commands.
+
+The stages and the `stage=all` chain come from the registry in `stages/__init__.py`.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,19 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pipeline.manifest import Manifest, Record
 from pipeline.runner import run_stage
+from stages import chain
 
 log = logging.getLogger("pipeline")
-
-CHAIN = ("kmeans", "train", "evaluate", "prune", "retrain", "export", "engine")
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> Any:
     stage = cfg.stage.value if hasattr(cfg.stage, "value") else str(cfg.stage)
+    if stage == "help":
+        from pipeline.config import print_help
+
+        return print_help()
     if stage == "report":
         from stages.report import run_report
 
@@ -27,40 +34,28 @@ def run(cfg: DictConfig, overrides: list[str]) -> Any:
     return record
 
 
-def run_all(cfg: DictConfig, overrides: list[str]) -> list[dict[str, Any]]:
-    """kmeans -> train -> evaluate -> prune -> retrain -> export -> engine (-> infer).
+def run_all(cfg: DictConfig, overrides: list[str]) -> list[Record]:
+    """Every stage of the registry's stage=all chain, in order (`stages.chain`).
 
     Each stage is its own manifest record; each takes the previous model output explicitly (not
     "the newest in the results dir"), so parallel sweep jobs keep separate lineages. Runs whose
     config_hash matches an earlier succeeded run are reused unless force=true.
     """
     reuse = not cfg.force
+    manifest = Manifest(cfg.results_dir)
     records = []
-    model_from = None  # run whose model output feeds the next model stage
-    chain = list(CHAIN) + (["infer"] if cfg.infer.source else [])
-    for stage in chain:
-        explicit = None if stage in ("kmeans", "train") else _model_output(cfg, model_from)
-        record = run_stage(cfg, stage, overrides, explicit_input=explicit, reuse=reuse)
+    model_from: Record | None = None  # the run whose model output feeds the next model stage
+    for spec in chain(cfg):
+        explicit = manifest.output_of(model_from) if spec.upstream and model_from is not None else None
+        record = run_stage(cfg, spec.name, overrides, explicit_input=explicit, reuse=reuse)
         _print_summary(record)
         records.append(record)
-        if stage in ("train", "prune", "retrain", "export", "engine"):
+        if spec.produces_model:
             model_from = record
     return records
 
 
-def _model_output(cfg: DictConfig, record: dict[str, Any] | None):
-    if record is None:
-        return None
-    from pipeline.manifest import Manifest
-
-    manifest = Manifest(cfg.results_dir)
-    for out in record.get("outputs", []):
-        if out["role"] == "model":
-            return manifest.abs(out["path"])
-    return None
-
-
-def _print_summary(record: dict[str, Any]) -> None:
+def _print_summary(record: Record) -> None:
     keys = ("mAP50", "mAP50_95", "params", "gflops", "size_mb", "kept_params_ratio", "latency_ms")
     m = record.get("metrics", {})
     shown = ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)

@@ -13,20 +13,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from pipeline.errors import UserError
+from stages import COMMANDS, STAGES
 
-
-class Stage(str, Enum):
-    kmeans = "kmeans"
-    dataset = "dataset"
-    train = "train"
-    evaluate = "evaluate"
-    prune = "prune"
-    retrain = "retrain"
-    export = "export"
-    engine = "engine"
-    infer = "infer"
-    all = "all"
-    report = "report"
+# The `stage=` choices: every stage of the registry, then the commands (all, report, help).
+Stage = Enum("Stage", [(name, name) for name in (*STAGES, *COMMANDS)], type=str, module=__name__)
 
 
 @dataclass

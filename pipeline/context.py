@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.manifest import Manifest
+from pipeline.manifest import Artifact, Manifest, Record
 
 if TYPE_CHECKING:
     from pipeline.datasets import DatasetInfo
@@ -31,7 +31,7 @@ class StageContext:
     run_dir: Path
     manifest: Manifest
     log: logging.Logger
-    inputs: list[dict[str, Any]] = field(default_factory=list)  # manifest entries of resolved inputs
+    inputs: list[Artifact] = field(default_factory=list)  # manifest entries of resolved inputs
     warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # extra top-level record fields (e.g. dataset summary)
     _dataset: DatasetInfo | None = None
@@ -52,8 +52,18 @@ class StageContext:
                 return self.manifest.abs(entry["path"])
         raise KeyError(f"stage {self.stage} has no input with role {role!r}")
 
-    def input_entry(self, role: str = "model") -> dict[str, Any]:
+    def input_entry(self, role: str = "model") -> Artifact:
         return next(e for e in self.inputs if e["role"] == role)
+
+    def input_record(self, role: str = "model") -> Record | None:
+        """The record that produced this stage's input (None for a file from elsewhere)."""
+        entry = next((e for e in self.inputs if e["role"] == role), None)
+        return self.manifest.producer(entry) if entry is not None else None
+
+    def input_lineage(self, role: str = "model") -> list[Record]:
+        """The record that produced this stage's input, its parent, grandparent ... (known records only)."""
+        record = self.input_record(role)
+        return self.manifest.lineage(record) if record is not None else []
 
     def dataset(self) -> DatasetInfo:
         """Import/validate (once, cached under results/datasets/) and register the dataset as an input."""

@@ -13,8 +13,11 @@ import os
 import secrets
 import socket
 import subprocess
+import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +26,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import UserError, resource_error
-from pipeline.manifest import FAILED, RUNNING, SUCCEEDED, Manifest, atomic_write_text
+from pipeline.manifest import (
+    FAILED,
+    HEARTBEAT_S,
+    RUNNING,
+    SUCCEEDED,
+    Artifact,
+    Manifest,
+    Record,
+    atomic_write_text,
+    now_iso,
+)
+from stages import spec
 
 log = logging.getLogger("pipeline")
-
-# Which stages feed which: (upstream stages, prefer_order). prefer_order=True tries them in
-# order (the first with a succeeded output wins); otherwise the newest across them wins.
-UPSTREAM: dict[str, tuple[tuple[str, ...], bool]] = {
-    "evaluate": (("engine", "export", "retrain", "prune", "train"), False),
-    "prune": (("train",), True),
-    "retrain": (("prune",), True),
-    "export": (("retrain", "prune", "train"), True),
-    "engine": (("export",), True),
-    "infer": (("engine", "export", "retrain", "prune", "train"), True),
-}
-# Config sections (besides the stage's own) whose values change a stage's result.
-SHARED_KEYS = ("seed", "dataset", "model")
-STAGES_WITHOUT_MODEL_INPUT = ("dataset", "kmeans", "train", "report")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _git_commit() -> str | None:
@@ -63,23 +59,31 @@ def _plain(cfg: DictConfig, key: str) -> Any:
 
 
 def stage_config(cfg: DictConfig, stage: str) -> dict[str, Any]:
-    """The parts of the config that determine a stage's result (without its `input` path)."""
-    section = _plain(cfg, stage) if stage in cfg else {}
-    if isinstance(section, dict):
-        section = {k: v for k, v in section.items() if k != "input"}
-    return {stage: section, **{k: _plain(cfg, k) for k in SHARED_KEYS}}
+    """The config sections that determine a stage's result: its registry row's `sections`.
+
+    `input` paths are left out where the file enters the hash by its sha256 (a stage with upstream
+    stages) or is not read (another stage's section); train's own `train.input` stays in.
+    """
+    row = spec(stage)
+    config = {}
+    for key in row.sections:
+        value = _plain(cfg, key) if key in cfg else {}
+        if isinstance(value, dict) and (key != stage or row.upstream or value.get("input") is None):
+            value = {k: v for k, v in value.items() if k != "input"}
+        config[key] = value
+    return config
 
 
-def config_hash(cfg: DictConfig, stage: str, inputs: list[dict[str, Any]]) -> str:
+def config_hash(cfg: DictConfig, stage: str, inputs: list[Artifact]) -> str:
     payload = {"config": stage_config(cfg, stage), "inputs": sorted(e["sha256"] for e in inputs)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Path | None = None) -> list[dict[str, Any]]:
+def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Path | None = None) -> list[Artifact]:
     """The stage's model input: `explicit`, else `<stage>.input`, else the newest upstream output."""
-    if stage not in UPSTREAM:
+    row = spec(stage)
+    if not row.upstream:
         return []
-    upstream, prefer = UPSTREAM[stage]
     user_path = explicit or (cfg[stage].get("input") if stage in cfg else None)
     if user_path:
         p = Path(str(user_path)).expanduser()
@@ -93,19 +97,18 @@ def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Pa
             manifest.verify_artifact(entry)
             return [{**entry, "role": "model", "produced_by": record["run_id"]}]
         return [manifest.artifact("model", p)]
-    found = manifest.latest_output(upstream, prefer_order=prefer)
+    found = manifest.latest_output(row.upstream, prefer_order=row.prefer_order)
     if found is None:
-        first = upstream[-1] if prefer else upstream[0]
         raise UserError(
             f"stage={stage} found no model in {manifest.root} (looked for a succeeded "
-            f"{' / '.join(upstream)} run); run stage={first} first, or set {stage}.input=PATH"
+            f"{' / '.join(row.upstream)} run); run stage={row.first_to_run()} first, or set {stage}.input=PATH"
         )
     record, entry = found
     manifest.verify_artifact(entry)
     return [{**entry, "produced_by": record["run_id"]}]
 
 
-def _reusable(manifest: Manifest, stage: str, chash: str) -> dict[str, Any] | None:
+def _reusable(manifest: Manifest, stage: str, chash: str) -> Record | None:
     for record in reversed(manifest.succeeded(stage)):
         if record.get("config_hash") == chash:
             try:
@@ -141,10 +144,10 @@ def run_stage(
     overrides: list[str] | None = None,
     explicit_input: Path | None = None,
     reuse: bool = False,
-) -> dict[str, Any]:
+) -> Record:
     """Run `stage` and record it; return its manifest record (an existing one when reused)."""
     manifest = Manifest(cfg.results_dir)
-    module = importlib.import_module(f"stages.{stage}")
+    module = importlib.import_module(spec(stage).module)
     inputs = resolve_inputs(cfg, stage, manifest, explicit_input)
     chash = config_hash(cfg, stage, inputs)
 
@@ -174,7 +177,28 @@ def _resource_error(exc: BaseException, cfg: DictConfig, stage: str) -> UserErro
     return resource_error(exc, stage, str(cfg.results_dir), batch, imgsz)
 
 
-def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -> dict[str, Any]:
+@contextmanager
+def _heartbeat(manifest: Manifest, run_id: str) -> Iterator[None]:
+    """Refresh the record's `heartbeat` every HEARTBEAT_S while the stage runs: liveness any host can read."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                manifest.update(run_id, heartbeat=now_iso())
+            except (OSError, UserError, KeyError) as exc:  # a missed beat is not worth failing the stage
+                log.warning("[%s] heartbeat not written: %s", run_id, exc)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -> Record:
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     run_id = f"{stage}-{stamp}-{secrets.token_hex(2)}"
     run_dir = manifest.root / stage / run_id
@@ -187,8 +211,9 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
     for lg in loggers:
         lg.addHandler(handler)
 
-    record: dict[str, Any] = {
-        "run_id": run_id, "stage": stage, "status": RUNNING, "started": _now(), "finished": None,
+    started = now_iso()
+    record: Record = {
+        "run_id": run_id, "stage": stage, "status": RUNNING, "started": started, "heartbeat": started, "finished": None,
         "seconds": None, "config_hash": chash, "overrides": list(overrides), "git_commit": _git_commit(),
         "host": socket.gethostname(), "pid": os.getpid(), "run_dir": manifest.rel(run_dir),
         "inputs": inputs, "outputs": [], "metrics": {},
@@ -199,10 +224,11 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
     t0 = time.perf_counter()
     log.info("[%s] run %s -> %s", stage, run_id, run_dir)
     try:
-        result: StageResult = module.run(cfg, ctx)
-        outputs = [manifest.artifact(role, path) for role, path in result.outputs]
+        with _heartbeat(manifest, run_id):
+            result: StageResult = module.run(cfg, ctx)
+            outputs = [manifest.artifact(role, path) for role, path in result.outputs]
         fields = {
-            "status": SUCCEEDED, "finished": _now(), "seconds": round(time.perf_counter() - t0, 3),
+            "status": SUCCEEDED, "finished": now_iso(), "seconds": round(time.perf_counter() - t0, 3),
             "inputs": ctx.inputs, "outputs": outputs, "metrics": _jsonable_metrics(result.metrics),
             "warnings": ctx.warnings, **ctx.extra,
         }
@@ -218,7 +244,7 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
         else:
             message = f"{type(exc).__name__}: {exc}"
         try:
-            manifest.update(run_id, status=FAILED, finished=_now(), seconds=round(time.perf_counter() - t0, 3),
+            manifest.update(run_id, status=FAILED, finished=now_iso(), seconds=round(time.perf_counter() - t0, 3),
                             error=message, inputs=ctx.inputs, warnings=ctx.warnings, **ctx.extra)
         except OSError as write_exc:
             # A full disk can refuse the failure record too: the manifest keeps its previous, valid

@@ -51,11 +51,10 @@ def _size_figures(ctx: StageContext, path: Path, imgsz: int | None) -> dict[str,
         size = imgsz or model_imgsz(path) or 640
         return model_figures(load_model(path), max(size) if isinstance(size, list) else int(size), path)
     figures: dict[str, Any] = {"size_mb": size_mb(path)}
-    producer = ctx.input_entry("model").get("produced_by")
-    record = ctx.manifest.get(producer) if producer else None
+    record = ctx.input_record()
     if record is not None:
         for key in ("params", "gflops"):
             if record.get("metrics", {}).get(key) is not None:
                 figures[key] = record["metrics"][key]
-        figures["figures_from"] = producer
+        figures["figures_from"] = record["run_id"]
     return figures

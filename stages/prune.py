@@ -138,8 +138,7 @@ def _upstream_map(ctx: StageContext) -> float | None:
     """mAP50-95 the input model had: from the record that produced it, else from the newest evaluation of
     the same file (same sha256) in this results dir; None when neither exists."""
     entry = ctx.input_entry("model")
-    producer = entry.get("produced_by")
-    record = ctx.manifest.get(producer) if producer else None
+    record = ctx.input_record()
     found = (record or {}).get("metrics", {}).get("mAP50_95")
     if found is not None:
         return found

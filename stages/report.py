@@ -18,13 +18,14 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.manifest import (
     FAILED,
-    MANIFEST,
     RUNNING,
     SUCCEEDED,
     Manifest,
+    Record,
     atomic_write_bytes,
     atomic_write_text,
 )
+from stages import STAGES
 
 MODEL_KEYS = ("mAP50", "mAP50_95", "params", "gflops", "size_mb")
 # (column, header, format) of the model table, in order.
@@ -49,21 +50,6 @@ STAGE_MARKERS = {"train": "s", "evaluate": "D", "prune": "v", "retrain": "^", "e
 
 
 # -- reading the manifest --------------------------------------------------------------------------
-
-def _parent(record: dict[str, Any]) -> str | None:
-    """run_id of the run that produced this record's input model."""
-    return next((e.get("produced_by") for e in record.get("inputs", []) if e.get("role") == "model"), None)
-
-
-def _ancestors(run_id: str | None, by_id: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The record itself, then its parent, grandparent ... (known records only)."""
-    chain, seen = [], set()
-    while run_id and run_id in by_id and run_id not in seen:
-        seen.add(run_id)
-        chain.append(by_id[run_id])
-        run_id = _parent(by_id[run_id])
-    return chain
-
 
 def _prune_setting(record: dict[str, Any], root: Path) -> float | str | None:
     """The pth of a prune run: its metrics, else its run folder's config.yaml (target mode: 'target=R')."""
@@ -104,14 +90,14 @@ def _backend(record: dict[str, Any]) -> str | None:
     return "onnxruntime" if record["stage"] == "export" and m.get("latency_ms") is not None else None
 
 
-def _rows(succeeded: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], root: Path) -> list[dict[str, Any]]:
+def _rows(manifest: Manifest, runs: list[Record], succeeded: list[Record]) -> list[dict[str, Any]]:
     """One row per succeeded run that carries model figures, oldest first."""
     rows = []
     for r in succeeded:
         m = r.get("metrics", {})
         if not any(m.get(k) is not None for k in MODEL_KEYS):
             continue
-        chain = _ancestors(r["run_id"], by_id)
+        chain = manifest.lineage(r, runs)
         prune = next((a for a in chain if a["stage"] == "prune"), None)
         train = next((a for a in chain if a["stage"] == "train"), None)
         kept = m.get("kept_params_ratio")
@@ -121,8 +107,8 @@ def _rows(succeeded: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], roo
         if kept is None and train is not None and m.get("params") and train.get("metrics", {}).get("params"):
             kept = m["params"] / train["metrics"]["params"]
         rows.append({
-            "run_id": r["run_id"], "stage": r["stage"], "from": _parent(r),
-            "pth": _prune_setting(prune, root) if prune is not None else None,
+            "run_id": r["run_id"], "stage": r["stage"], "from": Manifest.parent_id(r),
+            "pth": _prune_setting(prune, manifest.root) if prune is not None else None,
             "kept_params_ratio": kept,
             **{k: m.get(k) for k in (*MODEL_KEYS, "latency_ms")},
             "precision": _precision(r), "backend": _backend(r), "seconds": r.get("seconds"),
@@ -229,9 +215,9 @@ def plot_map_vs_kept(rows: list[dict[str, Any]], path: Path) -> bool:
         best = max(members, key=lambda m: m["mAP50_95"])
         ax.annotate(_label(best), (best["kept_params_ratio"], best["mAP50_95"]), textcoords="offset points",
                     xytext=(6, 4), fontsize=8)
-    for stage, marker in STAGE_MARKERS.items():
-        if any(p["stage"] == stage for p in points):
-            ax.scatter([], [], marker=marker, color="black", label=stage)
+    for stage in STAGES:  # the legend in pipeline order
+        if stage in STAGE_MARKERS and any(p["stage"] == stage for p in points):
+            ax.scatter([], [], marker=STAGE_MARKERS[stage], color="black", label=stage)
     ax.set_xlabel("kept params (fraction of the trained model)")
     ax.set_ylabel("mAP50-95")
     ax.set_title("accuracy vs size")
@@ -281,17 +267,16 @@ def verify(manifest: Manifest, succeeded: list[dict[str, Any]]) -> tuple[int, li
 def run_report(cfg: Any) -> dict[str, Any]:
     """Print the runs of `cfg.results_dir` and write report.md, report.csv and plots to `<results_dir>/report/`."""
     root = Path(str(cfg.results_dir)).expanduser()
-    if not (root / MANIFEST).is_file():
+    if not Manifest.found_in(root):
         raise UserError(f"no runs in {root}; run a stage first (or set results_dir=)")
     manifest = Manifest(root)
     runs = manifest.runs()
     if not runs:
         raise UserError(f"no runs in {root}; run a stage first (or set results_dir=)")
-    by_id = {r["run_id"]: r for r in runs}
     succeeded = [r for r in runs if r["status"] == SUCCEEDED]
     failed = [r for r in runs if r["status"] == FAILED]
     running = [r for r in runs if r["status"] == RUNNING]
-    rows = _rows(succeeded, by_id, manifest.root)
+    rows = _rows(manifest, runs, succeeded)
     model_ids = {row["run_id"] for row in rows}
     others = [r for r in succeeded if r["run_id"] not in model_ids]
     headers, cells = _table(rows)

@@ -135,22 +135,10 @@ def _logs(save_dir: Path, phase: str) -> list[tuple[str, Path]]:
 
 
 def unpruned_map(ctx: StageContext) -> tuple[float, str] | None:
-    """mAP50-95 of the unpruned model this one descends from: walk produced_by back to a train run."""
-    try:
-        run_id = ctx.input_entry("model").get("produced_by")
-    except StopIteration:
-        return None
-    seen: set[str] = set()
-    while run_id and run_id not in seen:
-        seen.add(run_id)
-        record = ctx.manifest.get(run_id)
-        if record is None:
-            return None
-        if record["stage"] == "train":
-            value = record.get("metrics", {}).get("mAP50_95")
-            return (float(value), run_id) if value is not None else None
-        run_id = next((e.get("produced_by") for e in record.get("inputs", []) if e["role"] == "model"), None)
-    return None
+    """mAP50-95 of the unpruned model this one descends from: the train run in its lineage."""
+    train = next((r for r in ctx.input_lineage() if r["stage"] == "train"), None)
+    value = train.get("metrics", {}).get("mAP50_95") if train is not None else None
+    return (float(value), train["run_id"]) if value is not None else None
 
 
 def _collapse_guard(ctx: StageContext, retrained: float) -> None:

@@ -156,6 +156,24 @@ def test_missing_or_empty_manifest(tmp_path):
         run_report(_cfg(tmp_path / "empty"))
 
 
+def test_lost_manifest_is_rebuilt_before_the_report(results, capsys):
+    (results / "manifest.json").unlink()
+    (results / "manifest.json.bak").unlink()
+    out = run_report(_cfg(results))
+    assert len(out["rows"]) == 7 and out["failed"] == ["retrain-20261123T100009-ab09"]
+    assert _rows_by_id(out)["engine-20261123T100008-ab08"]["pth"] == 0.5  # lineage intact
+
+
+def test_malformed_record_does_not_stop_the_report(results):
+    data = json.loads((results / "manifest.json").read_text())
+    data["runs"].insert(0, {})
+    (results / "manifest.json").write_text(json.dumps(data))
+    proc = run_cli("stage=report", f"results_dir={results}", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "entry 0 has no run_id; skipped" in proc.stderr + proc.stdout
+    assert "engine-20261123T100008-ab08" in proc.stdout
+
+
 def test_text_table_aligns_numbers_right():
     table = text_table(["name", "mAP"], [["a", "0.5"], ["longer", "10.25"]]).splitlines()
     assert table[0] == "name      mAP"

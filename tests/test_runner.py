@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,76 @@ def test_real_cpu_allocation_failure_is_recognised():
         torch.empty(1 << 46, dtype=torch.uint8)  # 64 TiB: the CPU allocator refuses at once
     clear = resource_error(info.value, "evaluate", "/r", 64, 640)
     assert clear is not None and "lower evaluate.batch=64 and evaluate.imgsz=640" in str(clear)
+
+
+def test_reuse_hash_covers_the_evaluate_section_for_prune(tmp_path, fake_stages):
+    cfg = make_cfg(tmp_path)
+    train = run_stage(cfg, "train", reuse=True)
+    prune = run_stage(cfg, "prune", reuse=True)
+    changed = make_cfg(tmp_path, "evaluate.iou=0.5")
+    assert run_stage(changed, "train", reuse=True)["run_id"] == train["run_id"]  # train never reads evaluate.*
+    assert run_stage(changed, "prune", reuse=True)["run_id"] != prune["run_id"]  # prune measures with it
+    # evaluate.input names what stage=evaluate measures: not a setting of prune's
+    assert run_stage(make_cfg(tmp_path, "evaluate.input=x.pt"), "prune", reuse=True)["run_id"] == prune["run_id"]
+
+
+def test_train_input_path_enters_the_reuse_hash(tmp_path):
+    from pipeline.runner import config_hash
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    plain = config_hash(make_cfg(tmp_path), "train", [])
+    assert config_hash(make_cfg(tmp_path, "train.input=null"), "train", []) == plain
+    assert config_hash(make_cfg(tmp_path, f"train.input={a}"), "train", []) != \
+        config_hash(make_cfg(tmp_path, f"train.input={b}"), "train", [])
+
+
+def test_run_folder_holds_the_final_record(tmp_path, fake_stages):
+    import json
+
+    rec = run_stage(make_cfg(tmp_path), "train")
+    copy = json.loads((tmp_path / rec["run_dir"] / "record.json").read_text())
+    assert copy == rec and copy["status"] == SUCCEEDED and copy["heartbeat"] == copy["started"]
+
+
+def test_heartbeat_refreshes_while_the_stage_runs(tmp_path, fake_stages, monkeypatch):
+    import threading
+    import time
+
+    import pipeline.runner
+
+    monkeypatch.setattr(pipeline.runner, "HEARTBEAT_S", 0.05)
+
+    def waits_for_a_beat(cfg, ctx):
+        first = ctx.manifest.get(ctx.run_id)["heartbeat"]
+        deadline = time.monotonic() + 60  # beats carry whole seconds: wait for the next one
+        while ctx.manifest.get(ctx.run_id)["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return StageResult(metrics={"beat": ctx.manifest.get(ctx.run_id)["heartbeat"] != first})
+
+    mod = types.ModuleType("stages.kmeans")
+    mod.run = waits_for_a_beat
+    monkeypatch.setitem(sys.modules, "stages.kmeans", mod)
+    rec = run_stage(make_cfg(tmp_path), "kmeans")
+    assert rec["metrics"]["beat"] is True
+    assert not [t for t in threading.enumerate() if t.name.startswith("heartbeat-")]  # stopped with the stage
+
+
+def test_resume_finds_a_run_killed_on_another_host(tmp_path):
+    """A container's run kill -9'd: another hostname, a pid that means nothing here, a stopped heartbeat."""
+    import logging
+
+    from pipeline.context import StageContext
+    from pipeline.manifest import RUNNING, STALE_AFTER_S
+    from stages.train import _interrupted_last
+
+    m = Manifest(tmp_path)
+    run_dir = tmp_path / "train" / "train-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt").write_bytes(b"checkpoint")
+    beat = (datetime.now(timezone.utc) - timedelta(seconds=STALE_AFTER_S + 1)).isoformat(timespec="seconds")
+    m.add({"run_id": "train-1", "stage": "train", "status": RUNNING, "host": "container-4f2a", "pid": 1,
+           "started": beat, "heartbeat": beat, "run_dir": "train/train-1", "inputs": [], "outputs": []})
+    ctx = StageContext(cfg=None, stage="train", run_id="train-2", run_dir=tmp_path / "train" / "train-2",
+                       manifest=m, log=logging.getLogger("test"))
+    assert _interrupted_last(ctx) == run_dir / "last.pt"
+    assert ctx.extra["resumed_from"] == "train-1"

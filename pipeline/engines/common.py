@@ -247,6 +247,5 @@ def evaluate_artifact(cfg: Any, ctx: Any, path: Path, imgsz: tuple[int, int], de
 
 def source_metrics(ctx: Any) -> dict[str, Any]:
     """Metrics of the record that produced the stage's input model ({} for a file from elsewhere)."""
-    entry = ctx.input_entry("model")
-    record = ctx.manifest.get(entry["produced_by"]) if entry.get("produced_by") else None
+    record = ctx.input_record()
     return dict((record or {}).get("metrics", {}))
