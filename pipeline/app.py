@@ -52,11 +52,39 @@ def run_all(cfg: DictConfig, overrides: list[str]) -> list[Record]:
         records.append(record)
         if spec.produces_model:
             model_from = record
+    trained = next((r for r in records if r["stage"] == "train"), None)
+    if cfg.get("control", True) and trained is not None:
+        records += run_control(cfg, overrides, manifest, trained, reuse)
+    return records
+
+
+# The equal-budget control: the unpruned trained model through the same retrain schedule (float
+# recovery + QAT), export and engine, so a pruned lineage is compared with a model that had as many
+# epochs (docs/report.md). Its first export is the unpruned FP32 ONNX that speedups are quoted against.
+CONTROL_CHAIN = ("export", "retrain", "export", "engine")
+
+
+def run_control(cfg: DictConfig, overrides: list[str], manifest: Manifest, trained: Record,
+                reuse: bool) -> list[Record]:
+    """The unpruned FP32 ONNX export of `trained`, then retrain -> export -> engine from `trained`.
+
+    Reused across a pth sweep (none of these runs reads prune.*): the sweep trains and controls once.
+    """
+    records = []
+    for i, stage in enumerate(CONTROL_CHAIN):
+        source = trained if i < 2 else records[-1]
+        record = run_stage(cfg, stage, overrides, explicit_input=manifest.output_of(source), reuse=reuse)
+        print("control " + _summary(record))
+        records.append(record)
     return records
 
 
 def _print_summary(record: Record) -> None:
+    print(_summary(record))
+
+
+def _summary(record: Record) -> str:
     keys = ("mAP50", "mAP50_95", "params", "gflops", "size_mb", "kept_params_ratio", "latency_ms")
     m = record.get("metrics", {})
     shown = ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys if k in m)
-    print(f"[{record['stage']}] {record['status']}: {record['run_id']}" + (f" ({shown})" if shown else ""))
+    return f"[{record['stage']}] {record['status']}: {record['run_id']}" + (f" ({shown})" if shown else "")

@@ -41,6 +41,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mAP50", "mAP50", ".4f"),
     ("mAP50_95", "mAP50-95", ".4f"),
     ("latency_ms", "latency_ms", ".2f"),
+    ("kind", "lineage", "s"),
+    ("mAP50_95_vs_control", "mAP50-95 - control", "+.4f"),
+    ("speedup_vs_control", "x control", ".2f"),
+    ("speedup_vs_fp32_onnx", "x FP32 ONNX", ".2f"),
     ("precision", "precision", "s"),
     ("backend", "backend", "s"),
     ("seconds", "seconds", ".1f"),
@@ -113,8 +117,48 @@ def _rows(manifest: Manifest, runs: list[Record], succeeded: list[Record]) -> li
             **{k: m.get(k) for k in (*MODEL_KEYS, "latency_ms")},
             "precision": _precision(r), "backend": _backend(r), "seconds": r.get("seconds"),
             "lineage": [a["run_id"] for a in reversed(chain)],
+            "kind": _kind(chain), "train_run": train["run_id"] if train is not None else None,
         })
+    _compare_with_control(rows)
     return rows
+
+
+def _kind(chain: list[Record]) -> str:
+    """What a lineage is: pruned; the equal-budget control (retrained unpruned); the unpruned model itself."""
+    stages = {a["stage"] for a in chain}
+    if "prune" in stages:
+        return "pruned"
+    return "control" if "retrain" in stages else "unpruned"
+
+
+def _compare_with_control(rows: list[dict[str, Any]]) -> None:
+    """mAP50-95 minus the control's, and speedups over the control's engine and the unpruned FP32 ONNX.
+
+    Within one trained model's family of lineages: a pruned row is compared with the newest control
+    row of the same stage (retrain with retrain, engine with engine); speedups are quoted against the
+    newest control engine and the newest unpruned float export (ONNX Runtime, batch 1), as measured by
+    their own stages.
+    """
+    def newest(train_run: str | None, kind: str, stage: str, ok=lambda r: True) -> dict[str, Any] | None:
+        found = [r for r in rows if r["train_run"] == train_run and r["kind"] == kind and r["stage"] == stage and ok(r)]
+        return found[-1] if found else None
+
+    for row in rows:
+        if row["kind"] == "unpruned" and row["stage"] == "train":
+            continue
+        control = newest(row["train_run"], "control", row["stage"])
+        if control is not None and row["mAP50_95"] is not None and control["mAP50_95"] is not None:
+            row["mAP50_95_vs_control"] = row["mAP50_95"] - control["mAP50_95"]
+        latency = row.get("latency_ms")
+        if not latency:
+            continue
+        engine = newest(row["train_run"], "control", "engine", lambda r: bool(r.get("latency_ms")))
+        fp32 = newest(row["train_run"], "unpruned", "export",
+                      lambda r: bool(r.get("latency_ms")) and str(r.get("precision")).startswith("fp32"))
+        if engine is not None:
+            row["speedup_vs_control"] = engine["latency_ms"] / latency
+        if fp32 is not None:
+            row["speedup_vs_fp32_onnx"] = fp32["latency_ms"] / latency
 
 
 # -- formatting ------------------------------------------------------------------------------------

@@ -40,15 +40,33 @@ def test_sweep_trains_once_and_branches_per_pth(sweep):
     assert all(r["status"] == "succeeded" for r in records), [r.get("error") for r in records]
     count = Counter(r["stage"] for r in records)
     assert count["train"] == 1 and count["kmeans"] == 1 and count["evaluate"] == 1
-    for stage in ("prune", "retrain", "export", "engine"):
-        assert count[stage] == 2, count
+    # two pruned lineages, plus one control (retrain -> export -> engine of the unpruned model) and the
+    # unpruned FP32 export, which both sweep jobs share (nothing in them reads prune.*)
+    assert count["prune"] == 2, count
+    assert count["retrain"] == 3 and count["export"] == 4 and count["engine"] == 3, count
     prunes = [r for r in records if r["stage"] == "prune"]
     assert sorted(r["metrics"]["pth"] for r in prunes) == [0.2, 0.6]
     train_id = next(r["run_id"] for r in records if r["stage"] == "train")
     assert all(r["inputs"][0]["produced_by"] == train_id for r in prunes)
-    # each retrain consumes its own prune run (lineage kept per sweep point)
+    # each retrain consumes its own prune run (lineage kept per sweep point), the control the train run
     retrains = [r for r in records if r["stage"] == "retrain"]
-    assert {r["inputs"][0]["produced_by"] for r in retrains} == {r["run_id"] for r in prunes}
+    assert {r["inputs"][0]["produced_by"] for r in retrains} == {r["run_id"] for r in prunes} | {train_id}
+
+
+def test_the_control_lineage_is_in_the_report_and_pruned_rows_compare_with_it(sweep):
+    proc = run_cli("stage=report", f"results_dir={sweep}", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import csv
+
+    rows = list(csv.DictReader((sweep / "report" / "report.csv").open()))
+    control = [r for r in rows if r["kind"] == "control"]
+    assert {r["stage"] for r in control} == {"retrain", "export", "engine"}
+    assert any(r["kind"] == "unpruned" and r["stage"] == "export" for r in rows)
+    pruned_engines = [r for r in rows if r["kind"] == "pruned" and r["stage"] == "engine"]
+    assert len(pruned_engines) == 2
+    for r in pruned_engines:
+        assert r["mAP50_95_vs_control"] != "" and float(r["speedup_vs_control"]) > 0
+        assert float(r["speedup_vs_fp32_onnx"]) > 0
 
 
 def test_higher_pth_keeps_fewer_params(sweep):

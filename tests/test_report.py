@@ -191,3 +191,34 @@ def test_cli_report_and_verify_exit_codes(results):
     assert "train/train-20261123T100002-ab02/model.bin (modified)" in proc.stderr
     empty = run_cli("stage=report", f"results_dir={results.parent / 'none'}", timeout=300)
     assert empty.returncode == 2 and "run a stage first" in empty.stderr
+
+
+def test_pruned_rows_are_compared_with_the_equal_budget_control(tmp_path):
+    m = Manifest(tmp_path / "results")
+    fig = {"params": 3_000_000, "gflops": 8.0, "size_mb": 6.0}
+    train = _record(m, "train", 1, {"mAP50": 0.5, "mAP50_95": 0.30, **fig})
+    fp32 = _record(m, "export", 2, {"mAP50": 0.5, "mAP50_95": 0.30, "latency_ms": 40.0, "qdq_nodes": 0, **fig},
+                   parent=train)
+    c_re = _record(m, "retrain", 3, {"mAP50": 0.7, "mAP50_95": 0.45, **fig}, parent=train)
+    c_ex = _record(m, "export", 4, {"mAP50": 0.7, "mAP50_95": 0.45, "latency_ms": 30.0, "qdq_nodes": 90, **fig},
+                   parent=c_re)
+    _record(m, "engine", 5, {"mAP50": 0.7, "mAP50_95": 0.44, "latency_ms": 8.0, "precision": "int8", **fig},
+            parent=c_ex)
+    small = {"params": 1_000_000, "gflops": 3.0, "size_mb": 2.0}
+    pr = _record(m, "prune", 6, {"mAP50": 0.3, "mAP50_95": 0.2, "pth": 0.5, "kept_params_ratio": 0.33, **small},
+                 parent=train)
+    re_ = _record(m, "retrain", 7, {"mAP50": 0.68, "mAP50_95": 0.43, **small}, parent=pr)
+    ex = _record(m, "export", 8, {"mAP50": 0.68, "mAP50_95": 0.43, "latency_ms": 12.0, "qdq_nodes": 80, **small},
+                 parent=re_)
+    _record(m, "engine", 9, {"mAP50": 0.67, "mAP50_95": 0.42, "latency_ms": 4.0, "precision": "int8", **small},
+            parent=ex)
+    rows = {r["run_id"]: r for r in run_report(_cfg(m.root, plots=False))["rows"]}
+    by = {(r["kind"], r["stage"]): r for r in rows.values()}
+    assert by[("unpruned", "export")]["run_id"] == fp32 and by[("control", "retrain")]["run_id"] == c_re
+    engine = by[("pruned", "engine")]
+    assert engine["mAP50_95_vs_control"] == pytest.approx(0.42 - 0.44)
+    assert engine["speedup_vs_control"] == pytest.approx(8.0 / 4.0)
+    assert engine["speedup_vs_fp32_onnx"] == pytest.approx(40.0 / 4.0)
+    assert by[("pruned", "retrain")]["mAP50_95_vs_control"] == pytest.approx(0.43 - 0.45)
+    assert by[("control", "engine")]["speedup_vs_control"] == pytest.approx(1.0)
+    assert "mAP50-95 - control" in (m.root / "report" / "report.md").read_text()
