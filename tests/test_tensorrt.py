@@ -466,3 +466,22 @@ def test_tensorrt_builds_a_qdq_model_as_int8(qat_export, tiny_data_yaml):  # noq
     assert m["typing"] == ("strong" if int(trt.__version__.split(".")[0]) >= 11 else "weak")
     assert "calib_images" not in m and m["ptq"] is None and m["executed_precision"] == "int8"
     assert m["latency_ms"] > 0 and 0.0 <= m["mAP50_95"] <= 1.0
+
+
+# -- bench/gpu_check.py without a GPU -------------------------------------------------------------
+def test_gpu_check_without_a_gpu_records_every_skip_and_exits_0(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["environment"]["cuda_available"] is False and "onnxruntime_providers" in report["environment"]
+    assert set(report["skipped"]) == {"smoke_chain", "engines", "ultralytics"}
+    assert all("no CUDA GPU" in why for why in report["skipped"].values())
