@@ -114,6 +114,30 @@ def test_evaluation_batch_is_clamped_to_the_profile():
     assert trtb.evaluation_batch(4, profile) == 4
 
 
+def test_evaluate_clamps_its_batch_to_an_engine_profile(monkeypatch, tmp_path, tiny_data_yaml):
+    """stage=evaluate on an engine of ours: evaluate.batch above the profile's max batch is lowered to it."""
+    from pipeline import evaluation
+
+    engine = tmp_path / "model.engine"
+    header = json.dumps({"imgsz": [64, 64], "pipeline": {"max_batch": 4}}).encode()
+    engine.write_bytes(len(header).to_bytes(4, "little") + header + b"plan")
+    monkeypatch.setattr(trtb, "check_compatible", lambda path, strict=True: None)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recorder(save_dir, args):
+        seen.update(batch=args["batch"])
+        raise Stop
+
+    monkeypatch.setattr(evaluation, "_recorder_class", lambda: recorder)
+    for asked, used in ((16, 4), (2, 2)):
+        with pytest.raises(Stop):
+            evaluation.evaluate(engine, tiny_data_yaml, batch=asked)
+        assert seen["batch"] == used
+
+
 def test_engine_stage_evaluates_at_the_clamped_batch(monkeypatch, tmp_path):
     """stages/engine.py's TensorRT step hands the evaluator the profile's max batch, not evaluate.batch."""
     import stages.engine as stage_mod
@@ -293,6 +317,7 @@ def test_tensorrt_11_build_sets_no_precision_flag_and_parses_the_autocast_graph(
     assert sidecar["typing"] == "strong" and sidecar["built_from"] == "model.fp16.onnx"
     offset, meta = trtb._header(tmp_path / "model.engine")
     assert meta["pipeline"]["max_batch"] == 8 and (tmp_path / "model.engine").read_bytes()[offset:] == b"plan"
+    assert trtb.profile_max_batch(tmp_path / "model.engine") == 8  # what stage=evaluate clamps its batch to
     profile = trt.Builder.return_value.create_optimization_profile.return_value
     profile.set_shape.assert_called_once_with("images", (1, 3, 32, 32), (1, 3, 640, 640), (8, 3, 672, 672))
 

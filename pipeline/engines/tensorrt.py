@@ -337,6 +337,12 @@ def _header(path: Path) -> tuple[int, dict[str, Any]]:
             return 0, {}
 
 
+def profile_max_batch(path: Path) -> int | None:
+    """The max batch of the optimisation profile an engine was built with (None without our build record)."""
+    value = (_header(path)[1].get("pipeline") or {}).get("max_batch")
+    return int(value) if value else None
+
+
 def check_compatible(path: Path, strict: bool = True) -> None:
     """Refuse an engine built for another TensorRT version or GPU, saying which and how to fix it.
 
