@@ -312,6 +312,7 @@ def test_tensorrt_11_build_sets_no_precision_flag_and_parses_the_autocast_graph(
     assert info["typing"] == "strong" and info["autocast_fp16"] is True
     assert info["profile"] == {"min": [1, 3, 32, 32], "opt": [1, 3, 640, 640], "max": [8, 3, 672, 672]}
     assert info["layer_precision"]["int8"] == 2 and info["executed_precision"] == "int8"
+    assert info["int8_layers"] == 2 and info["compute_layers"] == 5  # 7 layers, 2 of them reformats
     assert (tmp_path / "model.timing.cache").read_bytes() == b"timings"
     sidecar = json.loads((tmp_path / "model.json").read_text())
     assert sidecar["typing"] == "strong" and sidecar["built_from"] == "model.fp16.onnx"

@@ -301,8 +301,10 @@ def build(src: Path, out: Path, precision: str, qdq: bool, calib: CalibrationSet
     header = json.dumps({**meta, "pipeline": {**facts, "precision": precision, "max_batch": shapes["max"][0]}})
     blob = len(header).to_bytes(4, byteorder="little", signed=True) + header.encode() + bytes(serialized)
     atomic_write_bytes(out, blob)
+    # int8_layers / compute_layers as the OpenVINO record names them, so the two compare directly
     info.update(profile={k: list(v) for k, v in shapes.items()}, layer_precision=counts,
-                executed_precision=executed_precision(counts))
+                executed_precision=executed_precision(counts), int8_layers=counts["int8"],
+                compute_layers=counts["layers"] - counts["reformat"])
     sidecar = {**facts, "precision": precision, "qdq": qdq, "workspace_gb": float(e.workspace_gb),
                "built_from": graph.name, **info}
     atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
