@@ -435,6 +435,87 @@ def test_autocast_keeps_io_and_decode_fp32(float_export, tiny_data_yaml, tmp_pat
     assert any(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in body)
 
 
+def _tiny_yolo_onnx(path: Path) -> Path:
+    """A float graph named like an Ultralytics export: backbone conv, head cv2 conv, DFL conv, decode sigmoid."""
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 3, 1, 1], np.eye(3, dtype=np.float32).ravel().tolist())
+    nodes = [helper.make_node("Conv", ["images", "w"], ["a"], name="/model.0/conv/Conv"),
+             helper.make_node("Conv", ["a", "w"], ["b"], name="/model.22/cv2.0/cv2.0.2/Conv"),
+             helper.make_node("Conv", ["b", "w"], ["c"], name="/model.22/dfl/conv/Conv"),
+             helper.make_node("Sigmoid", ["c"], ["output0"], name="/model.22/Sigmoid")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                            ["batch", 3, "height", "width"])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, None)], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _modelopt_params(relative: str, function: str) -> set[str]:
+    """Parameter names of a function in the installed ModelOpt, read from its source (no import needed)."""
+    import ast
+    import importlib.util
+
+    root = Path(next(iter(importlib.util.find_spec("modelopt").submodule_search_locations)))
+    tree = ast.parse((root / relative).read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    return {a.arg for a in (*fn.args.args, *fn.args.kwonlyargs)}
+
+
+def test_ptq_and_autocast_call_modelopt_as_its_api_says(monkeypatch, tmp_path):
+    """The calls onnx_ptq makes (checked against the installed ModelOpt's own signatures), on CPU
+    without modelopt.onnx: real calibration batches, whole steps only, decode nodes excluded."""
+    import sys
+    import types
+
+    src = _tiny_yolo_onnx(tmp_path / "model.onnx")
+    calls: dict[str, dict] = {}
+
+    def quantize(onnx_path, **kwargs):
+        calls["quantize"] = {"onnx_path": onnx_path, **kwargs}
+        onnx.save(onnx.load(onnx_path), kwargs["output_path"])
+
+    def convert_to_mixed_precision(onnx_path, **kwargs):
+        calls["autocast"] = {"onnx_path": onnx_path, **kwargs}
+        return onnx.load(onnx_path)
+
+    fake = types.ModuleType("modelopt.onnx")
+    fake.quantization = types.SimpleNamespace(quantize=quantize)
+    fake.autocast = types.SimpleNamespace(convert_to_mixed_precision=convert_to_mixed_precision)
+    monkeypatch.setitem(sys.modules, "modelopt.onnx", fake)
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", fake.quantization)
+    images = tmp_path / "images"
+    images.mkdir()
+    import cv2
+
+    for i in range(7):
+        cv2.imwrite(str(images / f"{i}.jpg"), np.full((48, 80, 3), 30 * i, np.uint8))
+    calib = CalibrationSet(sorted(images.glob("*.jpg")), (64, 64), 3, str(images))
+    info = onnx_ptq.quantize_qdq(src, tmp_path / "model.qdq.onnx", calib, log)
+    q = calls["quantize"]
+    assert set(q) - {"onnx_path"} <= _modelopt_params("onnx/quantization/quantize.py", "quantize")
+    data = q["calibration_data"]["images"]
+    assert data.shape == (6, 3, 64, 64) and data.dtype == np.float32  # 7 images -> two whole steps of 3
+    assert 0.0 <= data.min() and data.max() <= 1.0 and data.std() > 0  # letterboxed real images, not noise
+    assert q["calibration_shapes"] == "images:3x3x64x64" and q["calibration_eps"] == ["cpu"]
+    assert q["quantize_mode"] == "int8" and q["high_precision_dtype"] == "fp32"
+    import re
+
+    excluded = [n for n in ("/model.0/conv/Conv", "/model.22/cv2.0/cv2.0.2/Conv", "/model.22/dfl/conv/Conv",
+                            "/model.22/Sigmoid") if any(re.match(p, n) for p in q["nodes_to_exclude"])]
+    assert excluded == ["/model.22/dfl/conv/Conv", "/model.22/Sigmoid"]  # the decode; cv2 and backbone quantised
+    assert info["ptq_float_nodes"] == 2
+
+    onnx_ptq.autocast_fp16(src, tmp_path / "model.fp16.onnx", data[:2], log)
+    a = calls["autocast"]
+    assert set(a) - {"onnx_path"} <= _modelopt_params("onnx/autocast/convert.py", "convert_to_mixed_precision")
+    assert a["keep_io_types"] is True and a["low_precision_type"] == "fp16"
+    assert a["calibration_data"]["images"].shape == (2, 3, 64, 64)
+    assert [n for n in ("/model.0/conv/Conv", "/model.22/Sigmoid")
+            if any(re.match(p, n) for p in a["nodes_to_exclude"])] == ["/model.22/Sigmoid"]
+    assert (tmp_path / "model.fp16.onnx").is_file()
+
+
 def test_ptq_without_modelopt_onnx_is_a_user_error(monkeypatch, tmp_path):
     import builtins
 
