@@ -1,13 +1,12 @@
-"""GPU figures: training speed, PyTorch inference latency, TensorRT FP16 latency (issue 11, item 5).
+"""GPU figures: training speed and PyTorch inference latency (issue 11, item 5).
 
     .venv/bin/python bench/gpu.py [--runs 100] [--out FILE] [--override KEY=VALUE ...]
 
 On a CUDA GPU: trains the default experiment for 2 epochs on GPU 0 with the pipeline's own
 stage=train (images/s = training images / the 2nd epoch's seconds from results.csv, so CUDA
 warm-up is left out; the epoch includes Ultralytics' per-epoch validation), times the trained
-model in PyTorch (FP32 and FP16, batch 1 and 16, 640 px), and, when TensorRT is usable, exports
-the model to ONNX at 640 (stage=export) and builds FP16 engines with pipeline.engines.tensorrt
-(one per batch size, the optimisation profile's opt batch set to it) and times them. Without a
+model in PyTorch (FP32 and FP16, batch 1 and 16, 640 px). TensorRT engines (ours and
+Ultralytics', with layer precisions and parity) are bench/gpu_check.py's. Without a
 CUDA GPU it writes {"skipped": "no CUDA GPU"} to --out and exits 0.
 """
 
@@ -19,7 +18,6 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -82,34 +80,6 @@ def torch_latency(model_pt: Path, runs: int) -> dict[str, Any]:
     return out
 
 
-def tensorrt_latency(work: Path, model_pt: Path, overrides: list[str], runs: int) -> dict[str, Any]:
-    """FP16 TensorRT engines from the 640 px ONNX (stage=export), one per batch size; median GPU ms."""
-    from pipeline.engines import tensorrt as trtb
-    from pipeline.engines.common import onnx_metadata
-    from pipeline.errors import UserError
-    from pipeline.runner import run_stage
-
-    ok, why = trtb.available()
-    if not ok:
-        return {"tensorrt_skipped": why}
-    cfg = compose_cfg(["stage=export", f"results_dir={work}", f"export.input={model_pt}", f"export.imgsz={IMGSZ}",
-                       "export.evaluate=false", *overrides])
-    record = run_stage(cfg, "export", [])
-    onnx = Manifest(work).output_path(record)
-    out: dict[str, Any] = {"onnx": str(onnx)}
-    log = logging.getLogger("bench.gpu")
-    for b in BATCHES:
-        e = SimpleNamespace(workspace_gb=4.0, min_batch=1, opt_batch=b, max_batch=max(BATCHES))
-        engine = work / f"fp16-opt{b}.engine"
-        try:
-            info = trtb.build(onnx, engine, "fp16", False, None, e, (IMGSZ, IMGSZ), onnx_metadata(onnx), log)
-        except UserError as exc:  # TensorRT 11 builds only strongly typed (fp32 / QDQ) networks
-            return {**out, "tensorrt_skipped": str(exc)}
-        out["tensorrt_version"] = info["tensorrt_version"]
-        out[f"tensorrt_fp16_b{b}_ms"] = trtb.latency_ms(engine, (b, 3, IMGSZ, IMGSZ), runs)
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=100, help="timed runs per latency figure (after warm-up)")
@@ -127,7 +97,6 @@ def main() -> int:
     figures, best = training_speed(work, list(args.override))
     print(f"training: {figures['train_images_per_s']} images/s ({figures['gpu']})", flush=True)
     figures |= torch_latency(best, args.runs)
-    figures |= tensorrt_latency(work, best, list(args.override), args.runs)
     figures |= {"imgsz": IMGSZ, "runs": args.runs, "torch": torch.__version__, "results_dir": str(work)}
     table = "| figure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in figures.items())
     print(table)

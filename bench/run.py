@@ -44,6 +44,7 @@ SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
                     ["--build", "--experiment", "smoke", "--imgsz", "160", "--calib-images", "16", "--no-map"]),
     "prune_compare": ("prune_compare.py", ["--build"], ["--build", "--override", "experiment=smoke", "--pth", "0.5"]),
     "gpu": ("gpu.py", [], []),
+    "gpu_check": ("gpu_check.py", [], []),
 }
 
 

@@ -84,6 +84,9 @@ def evaluate(
             from pipeline.engines.tensorrt import check_compatible
 
             check_compatible(model, strict=False)  # no TensorRT / another GPU: one line, exit 2
+            from pipeline.engines.tensorrt import profile_max_batch
+
+            batch = min(batch, profile_max_batch(model) or batch)  # TensorRT refuses batches above its profile
     names = _names(data)
     size = imgsz or model_imgsz(model) or 640
 

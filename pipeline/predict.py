@@ -314,8 +314,10 @@ class Predictor:
             imgsz = getattr(b, "imgsz", None) or [640, 640]
             hw = (int(imgsz[0]), int(imgsz[-1]))
         if self.format == "engine":
-            # An engine's optimisation profile bounds its shapes; run it at the shape it was built for.
-            hw = (int(dims[2]), int(dims[3]))
+            # An engine's optimisation profile bounds its shapes; run it at the size it was exported for
+            # (AutoBackend binds the profile's max shape, which for rectangular evaluation is above it).
+            imgsz = getattr(b, "imgsz", None)
+            hw = (int(imgsz[0]), int(imgsz[-1])) if imgsz else (int(dims[2]), int(dims[3]))
         return hw, (int(dims[0]) if static[0] else None)
 
     def _choose_imgsz(self, requested: int | None, fixed_hw: tuple[int, int] | None,

@@ -144,18 +144,30 @@ def _tensorrt(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
 
     e = cfg.engine
     out = ctx.run_dir / "model.engine"
-    info = trtb.build(src, out, precision, qdq, calib, e, imgsz, meta, ctx.log)
+    batch, ref = _reference(ctx, src, imgsz, int(e.threads))
+    info = trtb.build(src, out, precision, qdq, calib, e, imgsz, meta, ctx.log, sample=batch)
     trtb.check_compatible(out)
-    outputs: list[tuple[str, Path]] = [("model", out), ("sidecar", info.pop("sidecar"))]
-    cache = info.pop("cache")
-    if cache is not None:
-        outputs.append(("calib_cache", cache))
-    metrics: dict[str, Any] = {**info, "latency_ms": trtb.latency_ms(out, (1, 3, *imgsz), int(e.latency_runs))}
+    outputs: list[tuple[str, Path]] = [("model", out), ("sidecar", info.pop("sidecar")),
+                                       ("timing_cache", info.pop("timing_cache"))]
+    qdq_onnx = info.pop("qdq_onnx")
+    if qdq_onnx is not None:  # the PTQ result: the QDQ ONNX TensorRT was given, kept for other targets
+        outputs.append(("qdq_onnx", qdq_onnx))
+    info["built_onnx"] = info.pop("built_onnx").name
+    metrics: dict[str, Any] = dict(info)
+    runner = trtb.Runner(out)
+    x = fit_batch(real_batch(ctx, imgsz, n=1), runner.fixed_batch)
+    metrics["latency_ms"] = trtb.latency_ms(runner, x, int(e.latency_runs))
     if metrics["latency_ms"] is None:
-        ctx.warn("GPU latency not measured: the engine's outputs have data-dependent shapes")
+        ctx.warn("GPU latency and parity not measured: the engine's outputs have data-dependent shapes")
+    else:
+        metrics.update(parity(ref, runner(batch)))
     device = ctx.device if ctx.device != "cpu" else "0"
     if e.evaluate:
-        metrics.update(evaluate_artifact(cfg, ctx, out, imgsz, device=device))
+        eval_batch = trtb.evaluation_batch(int(cfg.evaluate.batch), info["profile"])
+        if eval_batch < int(cfg.evaluate.batch):
+            ctx.log.info("evaluating the engine at batch %d (evaluate.batch=%s is above engine.max_batch)",
+                         eval_batch, cfg.evaluate.batch)
+        metrics.update(evaluate_artifact(cfg, ctx, out, imgsz, device=device, batch=eval_batch), eval_batch=eval_batch)
     return outputs, metrics
 
 

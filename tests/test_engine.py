@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -231,47 +230,6 @@ def test_openvino_and_nncf_do_not_phone_home(float_export, tmp_path):  # noqa: F
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
     assert not net_log.exists(), net_log.read_text()
     assert not any(home.iterdir())
-
-
-# -- TensorRT (GPU hosts and the Docker image only) --------------------------------------------
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-@pytest.mark.tensorrt
-@pytest.mark.gpu
-@pytest.mark.skipif(not trtb.available()[0], reason=f"TensorRT not usable: {trtb.available()[1]}")
-def test_tensorrt_engine_records_its_build_and_refuses_others(float_export, tiny_data_yaml, precision):  # noqa: F811
-    results, _ = float_export
-    record = stage(results, "engine", "engine.backend=tensorrt", f"engine.precision={precision}",
-                   f"dataset.path={tiny_data_yaml.parent}", "dataset.name=tiny")
-    m = record["metrics"]
-    assert m["tensorrt_version"] and m["gpu_name"] and m["compute_capability"]
-    assert m["latency_ms"] > 0 and 0.0 <= m["mAP50_95"] <= 1.0
-    sidecar = json.loads(_out(results, record, "sidecar").read_text())
-    assert sidecar["tensorrt_version"] == m["tensorrt_version"] and sidecar["precision"] == precision
-    if precision == "int8":
-        assert _out(results, record, "calib_cache").stat().st_size > 0
-    engine = _out(results, record)
-    trtb.check_compatible(engine)
-    offset, meta = trtb._header(engine)
-    meta["pipeline"]["tensorrt_version"] = "0.0.0"
-    header = json.dumps(meta).encode()
-    forged = engine.with_name("other.engine")
-    forged.write_bytes(len(header).to_bytes(4, "little") + header + engine.read_bytes()[offset:])
-    with pytest.raises(UserError, match="rebuild it"):
-        trtb.check_compatible(forged)
-
-
-@pytest.mark.tensorrt
-@pytest.mark.gpu
-@pytest.mark.skipif(not trtb.available()[0], reason=f"TensorRT not usable: {trtb.available()[1]}")
-def test_tensorrt_builds_a_qdq_model_strongly_typed(qat_export, tiny_data_yaml):  # noqa: F811
-    results, _ = qat_export
-    record = stage(results, "engine", "engine.backend=tensorrt", f"dataset.path={tiny_data_yaml.parent}",
-                   "dataset.name=tiny")
-    import tensorrt as trt
-
-    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")  # TensorRT >= 9
-    assert record["metrics"]["strongly_typed"] is strongly_typed and "calib_images" not in record["metrics"]
-    assert record["metrics"]["latency_ms"] > 0 and 0.0 <= record["metrics"]["mAP50_95"] <= 1.0
 
 
 @pytest.mark.skipif(trtb.available()[0], reason="TensorRT is usable here: the engine would be run")

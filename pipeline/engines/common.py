@@ -236,11 +236,16 @@ def cpu_has_vnni() -> bool | None:
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def evaluate_artifact(cfg: Any, ctx: Any, path: Path, imgsz: tuple[int, int], device: str = "cpu") -> dict[str, Any]:
-    """mAP of an exported artifact on the validation split, through the pipeline's one evaluator."""
+def evaluate_artifact(cfg: Any, ctx: Any, path: Path, imgsz: tuple[int, int], device: str = "cpu",
+                      batch: int | None = None) -> dict[str, Any]:
+    """mAP of an exported artifact on the validation split, through the pipeline's one evaluator.
+
+    `batch` overrides evaluate.batch (a TensorRT engine takes no more than its profile's max batch).
+    """
     from pipeline.evaluation import evaluate
 
-    res = evaluate(str(path), ctx.dataset().data_yaml, split="val", imgsz=max(imgsz), batch=int(cfg.evaluate.batch),
+    res = evaluate(str(path), ctx.dataset().data_yaml, split="val", imgsz=max(imgsz),
+                   batch=int(cfg.evaluate.batch if batch is None else batch),
                    conf=float(cfg.evaluate.conf), iou=float(cfg.evaluate.iou), device=device)
     return {"mAP50": res["mAP50"], "mAP50_95": res["mAP50_95"]}
 
