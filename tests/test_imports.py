@@ -109,7 +109,7 @@ def _path_within(graph: dict[str, set[str]], group: list[str]) -> list[str]:
         seen.add(nxt)
 
 
-def test_the_graph_sees_function_level_and_relative_imports(tmp_path):
+def test_the_graph_sees_function_level_and_submodule_imports():
     """The walker itself: an import inside a function and a from-import of a submodule are edges."""
     graph = import_graph()
     assert "pipeline.errors" in graph["pipeline.engines"]  # `from pipeline.errors import require` in a function
