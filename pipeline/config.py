@@ -97,6 +97,7 @@ class EvaluateConfig:
     iou: float = 0.7
     ap_mode: str = "coco"  # coco (mAP50, mAP50-95) | voc11 | voc_integrate (TAO's AP@0.5)
     plots: bool = True
+    threads: int = 0  # CPU compute threads; 0 = the cores other processes leave free (pipeline.devices)
 
 
 @dataclass
@@ -287,6 +288,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "prune.granularity": (1, 4096),
     "prune.min_filters": (1, 4096),
     "evaluate.conf": (0.0, 1.0),
+    "evaluate.threads": (0, 1024),
     "evaluate.iou": (0.0, 1.0),
     "infer.conf": (0.0, 1.0),
     "infer.iou": (0.0, 1.0),

@@ -5,12 +5,28 @@ data loader workers), yet its trainer and validator set workers=0 on a CPU (imag
 thread, between steps), so that core idles: on a 2-core machine every forward and backward pass ran
 on one thread. Training, evaluation and inference here call `use_cores` after select_device: 1.5x
 per training epoch and 1.2-2x per prediction on 2 cores (docs/train-evaluate.md, docs/infer.md).
+
+Every core is only right on an idle machine: beside one CPU-bound process, two OpenMP threads on two
+cores wait on each other at every barrier while one of them is descheduled, and a training epoch took
+1.9x *longer* than on one thread (measured, docs/train-evaluate.md). So `threads=0` means "auto": the
+cores of this process's affinity that other processes are not using, measured from /proc/stat (CPU
+time of those cores minus this process's own) over a short window, at least 1. Training re-measures at
+every epoch start over the epoch that just ran, so it follows load that comes and goes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import time
 from collections.abc import Iterator
+
+log = logging.getLogger("pipeline")
+
+# A core counts as taken when other processes use at least this much of one over the window.
+TAKEN_CORE = 0.3
+FIRST_WINDOW_S = 0.2  # the first measurement's window (later ones use the time since the previous)
 
 
 def resolve_device(device: str | int | None) -> str:
@@ -45,11 +61,69 @@ def threads_kept() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def use_cores(threads: int = 0) -> None:
-    """PyTorch computes on `threads` CPU threads; 0 = every core this process may use."""
+def use_cores(threads: int = 0, meter: CoreMeter | None = None) -> int:
+    """PyTorch computes on `threads` CPU threads; 0 = the cores other processes leave free. Returns the count."""
     import torch
 
-    torch.set_num_threads(int(threads) or cpu_count())
+    n = int(threads) or (meter or CoreMeter()).free_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+class CoreMeter:
+    """How many of this process's cores other processes leave free, from successive /proc/stat samples."""
+
+    def __init__(self) -> None:
+        self.cpus = _affinity()
+        self._last = _sample(self.cpus)
+        self.other_load: float | None = None  # cores' worth of CPU time used by other processes, last window
+
+    def free_cores(self) -> int:
+        """Cores not busy with other work since the previous call (or over a short window on the first)."""
+        n = cpu_count()
+        if self._last is None or n == 1:
+            return n  # no /proc/stat (not Linux): every core, as before
+        if self.other_load is None:
+            time.sleep(FIRST_WINDOW_S)
+        now = _sample(self.cpus)
+        if now is None:
+            return n
+        wall, busy, own = (a - b for a, b in zip(now, self._last, strict=True))
+        self._last = now
+        if wall <= 0:
+            return n
+        self.other_load = max(0.0, busy - own) / wall
+        taken = max(0, int(self.other_load + 1.0 - TAKEN_CORE))
+        free = max(1, n - taken)
+        if free < n:
+            log.info("CPU threads: %d of %d (other processes use %.2f cores)", free, n, self.other_load)
+        return free
+
+
+def _affinity() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _sample(cpus: list[int]) -> tuple[float, float, float] | None:
+    """(wall s, CPU s spent busy on `cpus` by every process, CPU s of this process), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = {f"cpu{i}" for i in cpus}
+    ticks = 0
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] in wanted:
+            # user nice system idle iowait irq softirq steal: everything but idle and iowait is busy
+            values = [int(v) for v in parts[1:9]]
+            ticks += sum(values) - values[3] - values[4]
+    own = os.times()
+    return time.monotonic(), ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 def cpu_count() -> int:

@@ -58,6 +58,7 @@ def evaluate(
     device: str = "cpu",
     save_dir: str | Path | None = None,
     plots: bool = False,
+    threads: int = 0,
 ) -> dict[str, Any]:
     """mAP50, mAP50_95, precision, recall, per-class AP of `model` on `split` of the dataset.
 
@@ -96,6 +97,7 @@ def evaluate(
             "save_json": False, "model": None if isinstance(model, nn.Module) else str(model),
         }
         validator = _recorder_class()(save_dir=out, args=args)
+        validator.cpu_threads = int(threads)  # read by _every_core (0 = the free cores, pipeline.devices)
         validator.add_callback("on_val_start", _every_core)
         with threads_kept():
             # A module is deep-copied by the validator (get_model) before AutoBackend fuses it.
@@ -110,7 +112,7 @@ def evaluate(
 def _every_core(validator: Any) -> None:
     """on_val_start (after the validator's select_device): a CPU evaluation computes on every core."""
     if getattr(validator.device, "type", None) == "cpu":
-        use_cores()
+        use_cores(getattr(validator, "cpu_threads", 0))
 
 
 @functools.cache

@@ -440,8 +440,10 @@ def _raw_head_outputs(out: Any) -> Any:
     """Trace from the head's raw box/class maps, not from the DFL decode (never pruned)."""
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
         raw = out[1]
-        raw = raw.get("one2many", raw)
-        return [raw["boxes"], raw["scores"]]
+        # NMS-free heads (YOLO26, YOLOv10-style) run a one2one copy of the head on the same features:
+        # both branches must be traced, or the copy keeps its input widths and the cut model breaks.
+        branches = [raw[k] for k in ("one2many", "one2one") if k in raw] or [raw]
+        return [b[k] for b in branches for k in ("boxes", "scores")]
     return out
 
 

@@ -35,11 +35,27 @@ def setup() -> None:
     # Both fall back to a no-op stub when `openvino_telemetry` cannot be imported, so block that import.
     sys.modules.setdefault("openvino_telemetry", None)
     cdir = config_dir()
+    if not _writable(cdir / "Ultralytics"):
+        # e.g. a Docker image whose build step created the folder as root: a folder of our own instead
+        fallback = Path(tempfile.gettempdir()) / f"yolo-tao-pipeline-{os.getuid()}"
+        cdir = fallback if _writable(fallback / "Ultralytics") else Path(tempfile.mkdtemp(prefix="yolo-tao-pipeline-"))
+        _writable(cdir / "Ultralytics")
     os.environ["YOLO_CONFIG_DIR"] = str(cdir)
-    # Ultralytics keeps its settings and fonts in <YOLO_CONFIG_DIR>/Ultralytics.
-    (cdir / "Ultralytics").mkdir(parents=True, exist_ok=True)
+    # Ultralytics keeps its settings and fonts (and its DDP scripts) in <YOLO_CONFIG_DIR>/Ultralytics.
     _install_fonts(cdir / "Ultralytics")
     _DONE = True
+
+
+def _writable(folder: Path) -> bool:
+    """Create `folder` if needed and check that this user can write in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
 
 
 def _install_fonts(cdir: Path) -> None:
@@ -55,8 +71,11 @@ def _install_fonts(cdir: Path) -> None:
     for name in missing:
         if src.exists():
             tmp = cdir / f".{name}.tmp{os.getpid()}"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, cdir / name)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, cdir / name)
+            except OSError:  # plots then use Ultralytics' own font lookup; nothing else depends on it
+                return
 
 
 setup()

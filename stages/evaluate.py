@@ -36,7 +36,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     plots_dir = ctx.run_dir / "plots"
     result = evaluate(path, data.data_yaml, split=str(ec.split), imgsz=ec.imgsz, batch=int(ec.batch),
                       conf=float(ec.conf), iou=float(ec.iou), ap_mode=str(ec.ap_mode), device=ctx.device,
-                      save_dir=plots_dir if ec.plots else None, plots=bool(ec.plots))
+                      save_dir=plots_dir if ec.plots else None, plots=bool(ec.plots),
+                      threads=int(ec.threads))
     plots = [Path(p) for p in result.pop("plots", [])]
     metrics: dict[str, Any] = {**result, "split": str(ec.split), **_size_figures(ctx, path, ec.imgsz)}
     if metrics["instances"] == 0:

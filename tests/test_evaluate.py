@@ -199,6 +199,7 @@ def test_cpu_evaluation_computes_on_every_core(tiny_model_pt, tiny_data_yaml, mo
         seen.append(torch.get_num_threads())
 
     monkeypatch.setattr(devices, "cpu_count", lambda: 3)
+    monkeypatch.setattr(devices, "TAKEN_CORE", 1e9)  # no other load counts: every (faked) core is free
     monkeypatch.setattr(evaluation, "_every_core", recorded)
     before = torch.get_num_threads()
     try:

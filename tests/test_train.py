@@ -151,6 +151,7 @@ def test_cpu_training_computes_on_every_core_then_restores(tiny_data_yaml, tmp_p
 
     monkeypatch.setattr(training, "_stop_on_nonfinite", recorded)
     monkeypatch.setattr(devices, "cpu_count", lambda: 3)
+    monkeypatch.setattr(devices, "TAKEN_CORE", 1e9)  # no other load counts: every (faked) core is free
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(5)  # neither Ultralytics' count (cores - 1) nor ours

@@ -76,53 +76,147 @@ def _orphan_labels(txt_files: list[Path], used: set[Path], skip: set[Path], defe
             defects.add("label_without_image", printable(os.path.relpath(t, root)))
 
 
+def _int_like(value: Any, where: str) -> int:
+    """`nc:` as Ultralytics reads it: an integer, or a text/float that is one ('10', 10.0)."""
+    try:
+        n = float(value)
+        if n != int(n):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{where}: nc: {value} must be a whole number of classes") from None
+    return int(n)
+
+
 def _names_from_yaml(data: dict[str, Any], where: str) -> list[str]:
+    """`names` (list, or dict id: name) and `nc`, with the checks Ultralytics' check_det_dataset makes."""
     names = data.get("names")
+    nc = _int_like(data["nc"], where) if "nc" in data else None
+    if names is None:
+        if nc is None:
+            raise UserError(f"{where}: has no class list; add `names:` (a list, or a dict id: name)")
+        if nc < 1:
+            raise UserError(f"{where}: nc: {nc} names no class; set nc to the number of classes, or add `names:`")
+        names = [f"class{i}" for i in range(nc)]
+    if not isinstance(names, (list, dict)):
+        raise UserError(f"{where}: names must be a list, or a dict id: name, not {type(names).__name__}")
+    if nc is not None and len(names) != nc:
+        raise UserError(f"{where}: nc: {nc} but names lists {len(names)} classes; "
+                        "fix or remove `nc:` (Ultralytics refuses this file too)")
     if isinstance(names, dict):
         try:
-            ids = sorted(int(k) for k in names)
+            by_id = {int(k): v for k, v in names.items()}
         except (TypeError, ValueError):
             raise UserError(f"{where}: names keys must be class ids 0..n-1, got {list(names)[:5]}") from None
+        ids = sorted(by_id)
         if ids != list(range(len(ids))):
             raise UserError(f"{where}: names ids must run 0..{len(ids) - 1} without gaps, got {ids[:10]}")
-        names = [names.get(i, names.get(str(i))) for i in ids]
-    elif names is None and isinstance(data.get("nc"), int) and data["nc"] > 0:
-        names = [f"class{i}" for i in range(data["nc"])]
-    elif not isinstance(names, list):
-        raise UserError(f"{where}: has no class list; add `names:` (a list, or a dict id: name)")
+        names = [by_id[i] for i in ids]
+    # Ultralytics would name a null entry "None": a class no one chose the name of, kept forever in the model.
+    unnamed = [i for i, n in enumerate(names) if n is None]
+    if unnamed:
+        raise UserError(f"{where}: names: class {unnamed[0]} has no name (null); write a name for every class")
     return check_names(names, where)
 
 
-def find_data_yaml(folder: Path) -> Path | None:
-    """data.yaml (or dataset.yaml, or the one *.yaml with `names`) in `folder`."""
-    if not folder.is_dir():
-        return None
-    for n in YAML_NAMES:
-        if (folder / n).is_file():
-            return folder / n
-    with_names = []
-    for f in sorted(folder.glob("*.y*ml")):
+def _split_paths(root: Path, value: Any) -> list[tuple[str, list[Path]]]:
+    """Each entry of a split with the places Ultralytics' check_det_dataset reads it from, in order.
+
+    A text value is `root / value`, and, when that does not exist and the value starts with `../`,
+    `root / value[3:]` (Roboflow's exports write `train: ../train/images` beside the data.yaml);
+    list entries get no such second try. `~` is expanded (Ultralytics does not).
+    """
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        tries = [(root / Path(v).expanduser()).resolve()]
+        if isinstance(value, str) and v.startswith("../"):
+            tries.append((root / v[3:]).resolve())
+        out.append((v, tries))
+    return out
+
+
+def _resolves(root: Path, data: dict[str, Any], splits: tuple[str, ...]) -> bool:
+    """Whether every entry of these splits exists under `root`."""
+    return all(any(t.exists() for t in tries) for s in splits if isinstance(data.get(s), (str, list))
+               for _, tries in _split_paths(root, data[s]))
+
+
+def _data_yamls(folder: Path) -> list[Path]:
+    """The dataset YAMLs in `folder`: data.yaml & co. by name, else any *.yaml/*.yml naming a `train` split."""
+    found = []
+    try:
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".yaml", ".yml") and f.is_file())
+    except OSError:
+        return []
+    for f in files:
+        if f.name.lower() in YAML_NAMES:
+            found.append(f)
+            continue
         try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
+            # A dataset YAML is a few lines; a big one is not worth parsing to find out.
+            data = yaml.safe_load(f.read_text(encoding="utf-8")) if f.stat().st_size < 1 << 20 else None
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             continue
-        if isinstance(data, dict) and "names" in data and "train" in data:
-            with_names.append(f)
-    return with_names[0] if len(with_names) == 1 else None
+        if isinstance(data, dict) and "train" in data and any(k in data for k in ("val", "validation", "names", "nc")):
+            found.append(f)
+    return found
+
+
+def _names_folder(yaml_file: Path, folder: Path) -> bool:
+    """Whether the dataset of `yaml_file` lies in `folder` (its root or one of its splits)."""
+    try:
+        importer = YoloImporter(yaml_file)
+    except UserError:
+        return False
+    target = folder.resolve()
+    paths = [importer.root, *(p for ps in importer.splits.values() for p in ps)]
+    return any(p.resolve().is_relative_to(target) for p in paths)
+
+
+def find_data_yaml(folder: Path) -> Path | None:
+    """The data.yaml for a folder given as `dataset.path`: in it, in one of its subfolders, or beside it.
+
+    Beside it (in the parent folder) counts only when that yaml's dataset lies in `folder`, e.g.
+    `dataset.path=export/train` of a Roboflow export whose `export/data.yaml` names `../train/images`.
+    Several candidates at one level are refused, listing them.
+    """
+    if not folder.is_dir():
+        return None
+    levels = [
+        _data_yamls(folder),
+        [y for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".") for y in _data_yamls(d)],
+        [y for y in _data_yamls(folder.parent) if _names_folder(y, folder)],
+    ]
+    for found in levels:
+        if len(found) > 1:
+            listed = ", ".join(str(f) for f in found[:6])
+            raise UserError(f"dataset.path={folder} has {len(found)} dataset YAMLs ({listed}); "
+                            f"pick one with dataset.path=<the yaml>, e.g. dataset.path={found[0]}")
+        if found:
+            return found[0]
+    return None
 
 
 class YoloImporter:
-    """Ultralytics `data.yaml`: `path`, `train`/`val`/`test` (folders, .txt lists or images), `names`."""
+    """Ultralytics `data.yaml`: `path`, `train`/`val`/`test` (folders, .txt lists or images), `names`.
+
+    Paths resolve as in Ultralytics' `check_det_dataset` (docs/datasets.md says where we differ).
+    """
 
     format = "yolo"
+    USED = ("train", "val")  # the splits training reads: these must exist; a missing `test:` is only noted
 
     def __init__(self, path: Path):
         yaml_file = path if path.is_file() else find_data_yaml(path)
         if yaml_file is None:
-            raise UserError(f"dataset.path={path}: no data.yaml in this folder (dataset.format=yolo); "
-                            "give the data.yaml file, or dataset.format=darknet for a folder of images + .txt labels")
+            raise UserError(f"dataset.path={path}: no data.yaml in this folder, its subfolders or beside it "
+                            "(dataset.format=yolo); give the data.yaml file, or dataset.format=darknet for a "
+                            "folder of images + .txt labels")
         self.yaml_file = yaml_file
         self.where = f"dataset.path={yaml_file}"
+        self.notes: list[str] = []
+        if yaml_file != path:
+            self.notes.append(f"dataset.path is a folder: using {yaml_file}")
         try:
             data = yaml.safe_load(yaml_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -131,34 +225,56 @@ class YoloImporter:
             raise UserError(f"{self.where} is not readable YAML ({why})") from None
         if not isinstance(data, dict):
             raise UserError(f"{self.where} is not a mapping; expected keys path, train, val, names")
+        if "val" not in data and "validation" in data:  # Ultralytics renames this key too
+            data["val"] = data.pop("validation")
+        for key in ("train", "val", "test"):
+            value = data.get(key)
+            if value is not None and not (isinstance(value, str) or
+                                          isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise UserError(f"{self.where}: {key}: must be a path or a list of paths, not {value!r}")
         self.data = data
         self.root = self._root()
-        self.splits = {s: self._entries(s) for s in SPLITS if data.get(s)}
+        self.splits = {s: e for s in SPLITS if data.get(s) and (e := self._entries(s))}
         if "train" not in self.splits:
             raise UserError(f"{self.where} has no `train:` entry; name the training images")
 
     def _root(self) -> Path:
+        """`path:`, else the yaml's folder. Relative: from the yaml's folder, else the working folder (Ultralytics)."""
         base = self.yaml_file.parent
         value = self.data.get("path")
         if not value:
             return base.resolve()
-        p = Path(str(value)).expanduser()
-        for candidate in ([p] if p.is_absolute() else [base / p, Path.cwd() / p]):
-            if candidate.is_dir():
-                return candidate.resolve()
-        raise UserError(f"{self.where}: path: {value} points nowhere (no such folder, also not relative to "
-                        f"{base}); fix `path:` in the data.yaml")
+        if not isinstance(value, str):
+            raise UserError(f"{self.where}: path: must be a folder, not {value!r}")
+        p = Path(value).expanduser()
+        # Ultralytics reads a relative `path:` from the working folder only, so `path: .` would mean
+        # another dataset when run from elsewhere; the yaml's folder comes first where its splits exist.
+        tries = [p] if p.is_absolute() else [base / p, Path.cwd() / p]
+        found = list(dict.fromkeys(t.resolve() for t in tries if t.is_dir()))
+        if not found:
+            # Ultralytics would go on to look under its own datasets_dir setting; the pipeline's
+            # Ultralytics settings are not the user's, so that folder would be a guess.
+            tried = ", ".join(str(t) for t in dict.fromkeys(tries))
+            raise UserError(f"{self.where}: path: {value} points nowhere (no folder {tried}); write `path:` "
+                            "absolute or relative to the data.yaml (Ultralytics' datasets_dir is not searched)")
+        root = next((r for r in found if _resolves(r, self.data, self.USED)), found[0])
+        if not p.is_absolute() and root != (base / p).resolve():
+            self.notes.append(f"path: {value} read from the working folder, as Ultralytics does ({root})")
+        return root
 
     def _entries(self, split: str) -> list[Path]:
-        values = self.data[split]
-        values = values if isinstance(values, list) else [values]
         out = []
-        for v in values:
-            p = Path(str(v)).expanduser()
-            p = p if p.is_absolute() else self.root / p
-            if not p.exists():
-                raise UserError(f"{self.where}: {split}: {v} points nowhere ({p} does not exist); fix the data.yaml")
-            out.append(p)
+        for v, tries in _split_paths(self.root, self.data[split]):
+            hit = next((t for t in tries if t.exists()), None)
+            if hit is not None:
+                out.append(hit)
+                continue
+            missing = f"neither {tries[0]} nor {tries[1]} exists" if len(tries) > 1 else f"{tries[0]} does not exist"
+            nowhere = f"{split}: {v} points nowhere ({missing})"
+            if split not in self.USED:
+                self.notes.append(f"{nowhere}: the {split} split is not imported")
+                return []
+            raise UserError(f"{self.where}: {nowhere}; fix the data.yaml")
         return out
 
     def roots(self) -> list[Path]:
@@ -167,15 +283,26 @@ class YoloImporter:
 
     def scan(self) -> Source:
         names = _names_from_yaml(self.data, self.where)
-        source = Source(self.format, self.root, names, [], yolo_reader(self.root, len(names)))
+        source = Source(self.format, self.root, names, [], yolo_reader(self.root, len(names)), notes=list(self.notes))
         label_dirs: set[Path] = set()
         for split, entries in self.splits.items():
+            before = len(source.items)
             for entry in entries:
                 base = entry if entry.is_dir() else self.root
                 for image in self._images(entry, source):
                     source.items.append(Item(_key(image, base), image, split, label_path_for(image)))
                 if entry.is_dir():
                     label_dirs.add(_labels_dir(entry))
+            if len(source.items) == before:
+                # Ultralytics refuses an empty split too; a seeded split in its place would hide the mistake.
+                value = self.data[split]
+                entry_text = ", ".join(value) if isinstance(value, list) else value
+                if split == "train":
+                    raise UserError(f"{self.where}: train: {entry_text} holds no image; add the training images")
+                if split == "val":
+                    raise UserError(f"{self.where}: val: {entry_text} holds no image; add its images, or remove "
+                                    "the `val:` line to get a seeded split")
+                source.notes.append(f"{split}: {entry_text} holds no image")
         used = {i.label for i in source.items if i.label is not None}
         txts = [t for d in sorted(label_dirs) if d.is_dir() for t in walk(d).files if t.suffix == ".txt"]
         lists = {p for ps in self.splits.values() for p in ps if p.is_file()}
@@ -196,9 +323,11 @@ class YoloImporter:
             if not line:
                 continue
             p = Path(line)
-            if not p.is_absolute():
-                # Ultralytics reads `./x` relative to the list's folder; other entries relative to path.
-                p = (entry.parent / line) if line.startswith("./") or not (self.root / line).exists() else self.root / line
+            if line.startswith("./"):  # Ultralytics: relative to the list's folder
+                p = entry.parent / line
+            elif not p.is_absolute():
+                # Ultralytics reads other lines from the working folder; ours also from path and the list's folder.
+                p = next((c for c in (Path.cwd() / p, self.root / p, entry.parent / p) if c.is_file()), self.root / p)
             if p.is_file():
                 found.append(p)
             else:

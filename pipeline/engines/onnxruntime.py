@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.engines.common import CalibrationSet, decode_layer, fixed_batches, keep_float
+from pipeline.errors import require
 from pipeline.manifest import atomic_write_bytes
 
 # Op types that compute in integer arithmetic once ONNX Runtime has fused a QDQ graph.
@@ -22,9 +23,18 @@ INT8_OPS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGe
 FLOAT_COMPUTE_OPS = ("Conv", "FusedConv", "NchwcConv", "MatMul", "Gemm", "FusedMatMul")
 
 
+INSTALL_HINT = ('install one ONNX Runtime build: `pip install -e ".[cpu]"` (CPU hosts) or '
+                '`pip install -e ".[gpu]"` (NVIDIA GPU hosts)')
+
+
+def require_onnxruntime() -> Any:
+    """The onnxruntime module, or a UserError that says which extra installs it."""
+    return require("onnxruntime", INSTALL_HINT)
+
+
 def session(path: str | Path, threads: int = 2) -> Any:
     """A CPU inference session using `threads` intra-op threads (one inter-op thread)."""
-    import onnxruntime as ort
+    ort = require_onnxruntime()
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
@@ -66,6 +76,7 @@ def quantize_int8(src: Path, dst: Path, calib: CalibrationSet, log: Any) -> dict
     The source's metadata (names, imgsz, stride) is copied over, so the result loads like the source.
     """
     import onnx
+    require_onnxruntime()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -102,8 +113,8 @@ def passthrough(src: Path, dst: Path) -> None:
 def executed_precision(path: str | Path, threads: int = 1) -> dict[str, Any]:
     """Read back what ONNX Runtime runs: integer vs float compute kernels in its optimised graph."""
     import onnx
-    import onnxruntime as ort
 
+    ort = require_onnxruntime()
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads

@@ -1,0 +1,49 @@
+"""Ultralytics detector families beyond v8/11: the pruner sees through each family's blocks and heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models import build_model
+from pipeline.pruning import ChannelPruner
+
+
+def _spread_filter_norms(model: torch.nn.Module) -> None:
+    """Untrained kernels have near-equal norms; scale each filter so a threshold removes some."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.data *= torch.rand(m.out_channels, 1, 1, 1, generator=g)
+
+
+@pytest.mark.parametrize("name", ["yolo26n", "yolov5nu"])
+def test_threshold_pruning_cuts_the_family_and_the_model_still_runs(name):
+    model = build_model(name, nc=3)
+    _spread_filter_norms(model)
+    before = sum(p.numel() for p in model.parameters())
+    pruner = ChannelPruner(model)
+    pruner.apply(pruner.plan(0.5))
+    after = sum(p.numel() for p in model.parameters())
+    assert after < before
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 96, 96))
+    assert isinstance(out, (tuple, list)) and out[0].shape[0] == 1
+
+
+def test_an_nms_free_heads_one2one_copy_is_cut_with_its_inputs():
+    """YOLO26's one2one branch reads the same features as the one2many head: both lose the same inputs."""
+    from ultralytics.nn.modules.head import Detect
+
+    model = build_model("yolo26n", nc=3)
+    _spread_filter_norms(model)
+    pruner = ChannelPruner(model)
+    pruner.apply(pruner.plan(0.5))
+    head = next(m for m in model.modules() if isinstance(m, Detect))
+    for many, one in zip(head.cv2, head.one2one_cv2, strict=True):
+        assert many[0].conv.in_channels == one[0].conv.in_channels
+    for many, one in zip(head.cv3, head.one2one_cv3, strict=True):
+        first_many = next(m for m in many.modules() if isinstance(m, torch.nn.Conv2d))
+        first_one = next(m for m in one.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first_many.in_channels == first_one.in_channels
