@@ -234,10 +234,9 @@ def compare(results_dir: Path, pths: list[float], overrides: list[str], build: b
     save(rows, verdicts)
 
     ckpt = load_checkpoint(base_path)
-    from pipeline.evaluation import model_imgsz
+    from pipeline.imgsz import model_imgsz, side
 
-    size = model_imgsz(base_path) or 640
-    imgsz = max(size) if isinstance(size, list) else int(size)
+    imgsz = side(model_imgsz(base_path) or 640)
     base_model = load_model(base_path)
     done: dict[int, dict[str, Any]] = {}  # torch-pruning params -> its row (retrained once)
     for pth in pths:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.datasets.images import ULTRALYTICS_SUFFIXES, displayed_size
 from pipeline.errors import UserError
 
-IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm", ".heic"}
 # Ultralytics' anchor check (YOLOv5 `utils/autoanchor.py`, anchor_t=4.0): a box fits an anchor
 # when neither side differs from the anchor's by this factor or more.
 BPR_RATIO = 4.0
@@ -51,21 +51,6 @@ class AnchorFit:
 
 # -- reading -------------------------------------------------------------------------------------
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image as Ultralytics sees it (EXIF rotation applied); reads the header only."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        w, h = im.size
-        try:
-            # Orientations 5-8 rotate by 90 degrees; YOLO labels refer to the rotated image.
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                w, h = h, w
-        except Exception:  # a broken EXIF block does not make the size wrong
-            pass
-    return w, h
-
-
 def _label_boxes(text: str) -> tuple[list[tuple[float, float]], int]:
     """Normalised (w, h) of each box in a YOLO label file (detection or polygon lines)."""
     boxes, bad = [], 0
@@ -95,7 +80,7 @@ def read_yolo_boxes(images_dir: Path, labels_dir: Path) -> Boxes:
     wh: list[tuple[float, float]] = []
     sizes: list[tuple[int, int]] = []
     images = skipped = 0
-    for img in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for img in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in ULTRALYTICS_SUFFIXES):
         images += 1
         label = labels_dir / img.relative_to(images_dir).with_suffix(".txt")
         if not label.is_file():
@@ -104,7 +89,7 @@ def read_yolo_boxes(images_dir: Path, labels_dir: Path) -> Boxes:
         skipped += bad
         if boxes:
             try:
-                size = image_size(img)
+                size = displayed_size(img)
             except OSError as exc:
                 raise UserError(f"image {img} is unreadable ({exc}); fix or remove it from dataset.path") from None
             wh.extend(boxes)

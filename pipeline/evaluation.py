@@ -35,6 +35,7 @@ from torch import nn
 
 from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
+from pipeline.imgsz import model_imgsz
 
 AP_MODES = ("coco", "voc11", "voc_integrate")
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # the validator's iouv (COCO's IoU thresholds)
@@ -230,37 +231,6 @@ def concat_stats(per_image: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
         return {"tp": np.zeros((0, len(IOU_THRESHOLDS)), bool), "conf": np.zeros(0), "pred_cls": np.zeros(0),
                 "target_cls": np.zeros(0)}
     return {k: np.concatenate([s[k] for s in per_image], 0) for k in _STAT_KEYS}
-
-
-def model_imgsz(model: str | Path | nn.Module) -> int | list[int] | None:
-    """The input size a model was trained or exported at (checkpoint train_args, export metadata)."""
-    if isinstance(model, nn.Module):
-        return _imgsz_from(getattr(model, "args", None))
-    p = Path(model)
-    if p.suffix == ".pt":
-        from pipeline.models import load_checkpoint
-
-        ckpt = load_checkpoint(p)
-        net = ckpt.get("ema") or ckpt.get("model")
-        return _imgsz_from(ckpt.get("train_args")) or _imgsz_from(getattr(net, "args", None))
-    from ultralytics.nn.backends.base import BaseBackend
-
-    return _imgsz_from(BaseBackend.read_metadata(p))
-
-
-def _imgsz_from(args: Any) -> int | list[int] | None:
-    if args is None:
-        return None
-    value = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
-    if isinstance(value, str):
-        import ast
-
-        with contextlib.suppress(ValueError, SyntaxError):
-            value = ast.literal_eval(value)
-    if isinstance(value, (list, tuple)) and value:
-        value = [int(v) for v in value]
-        return value[0] if len(set(value)) == 1 else value
-    return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def available_splits(data_yaml: str | Path) -> list[str]:

@@ -22,12 +22,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.datasets.fs import walk
-from pipeline.datasets.images import IMAGE_EXTENSIONS, to_rgb8
+from pipeline.datasets.images import IMAGE_EXTENSIONS, displayed_size, letterbox, read_image
 from pipeline.devices import use_cores
+from pipeline.engines.common import fixed_batches
 from pipeline.errors import UserError
-
-PAD_VALUE = 114  # Ultralytics' letterbox grey
-EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -123,19 +121,6 @@ def unique_keys(rels: list[str]) -> dict[str, str]:
     return keys
 
 
-def _oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
-    """(width, height) after EXIF orientation: 5-8 swap the axes."""
-    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
-
-
-def probe_image(path: Path) -> tuple[int, int]:
-    """Displayed (width, height) from the file header; raises on a file that is not a readable image."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return _oriented_size(im.size, int(im.getexif().get(EXIF_ORIENTATION, 1) or 1))
-
-
 def _reason(exc: BaseException) -> str:
     """One line saying why a file cannot be used."""
     if isinstance(exc, ImportError) or type(exc).__name__ == "UnidentifiedImageError":
@@ -153,7 +138,7 @@ def scan_folder(source: Path, recursive: bool, workers: int = 2) -> FolderScan:
 
     def probe(rel: str) -> tuple[int, int] | Skipped:
         try:
-            return probe_image(source / rel)
+            return displayed_size(source / rel)
         except Exception as exc:  # any decoder error means "not a usable image", never a crash
             return Skipped(rel, _reason(exc))
 
@@ -166,48 +151,7 @@ def scan_folder(source: Path, recursive: bool, workers: int = 2) -> FolderScan:
     return scan
 
 
-# -- decoding and letterboxing ------------------------------------------------------------------------
-
-
-def read_image(path: Path, min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode an image as displayed (EXIF applied): (RGB uint8 array, original (width, height)).
-
-    With `min_size` (displayed width, height), a JPEG may be decoded at 1/2, 1/4 or 1/8 scale by
-    libjpeg's DCT scaling when it stays at least that large: several times faster for photos much
-    larger than the network input. Truncated or corrupt files raise.
-    """
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
-        full = _oriented_size(im.size, orientation)
-        if min_size is not None and im.format == "JPEG":
-            im.draft(None, _oriented_size(min_size, orientation))
-        im.load()  # decodes now, so a truncated file fails here and not later
-        im = ImageOps.exif_transpose(im) if orientation != 1 else im
-        # The datasets' conversion (16-bit scaled, palette transparency, CMYK): what training saw.
-        return np.asarray(im if im.mode == "RGB" else to_rgb8(im)), full
-
-
-def letterbox(img: np.ndarray, shape: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Resize `img` (displayed size `size` = (w, h)) into `shape` (h, w) keeping its aspect, pad with grey.
-
-    Returns the padded image and (left, top, new_w, new_h), which map network pixels back to original
-    pixels: x_orig = (x - left) * w / new_w. The arithmetic is Ultralytics' LetterBox.
-    """
-    import cv2
-
-    w0, h0 = size
-    r = min(shape[0] / h0, shape[1] / w0)
-    nw, nh = max(round(w0 * r), 1), max(round(h0 * r), 1)
-    if img.shape[1] != nw or img.shape[0] != nh:
-        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    dw, dh = (shape[1] - nw) / 2, (shape[0] - nh) / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    if top or bottom or left or right:
-        img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    return np.ascontiguousarray(img), (left, top, nw, nh)
+# -- batching -------------------------------------------------------------------------------------------
 
 
 def batch_shapes(items: list[ImageItem], imgsz: tuple[int, int], stride: int, batch: int,
@@ -412,17 +356,13 @@ class Predictor:
             yield Prediction(item, w, h, boxes[order], d[order, 4], d[order, 5].astype(np.int64), image)
 
     def _forward_fixed(self, x):
-        """Run a fixed-batch artifact: split larger batches, zero-pad a short last one."""
-        torch, fb = self._torch, self.forward_batch
+        """Run a fixed-batch artifact: split larger batches, pad a short last one (engines.common.fixed_batches)."""
         outs = []
-        for part in x.split(fb):
-            n = part.shape[0]
-            if n < fb:
-                part = torch.cat([part, part.new_zeros(fb - n, *part.shape[1:])])
+        for part, n in fixed_batches(x, self.forward_batch):
             y = self.backend(part)
             y = y[0] if isinstance(y, (list, tuple)) else y
             outs.append(y[:n].clone())
-        return torch.cat(outs)
+        return self._torch.cat(outs)
 
     def describe(self) -> dict[str, Any]:
         """Facts about the model run, for the summary and the manifest."""

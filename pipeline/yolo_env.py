@@ -78,12 +78,4 @@ def _install_fonts(cdir: Path) -> None:
                 return
 
 
-def quiet_settings() -> None:
-    """Turn off Ultralytics' analytics sync and hub features in its (pipeline-owned) settings."""
-    from ultralytics.utils import SETTINGS
-
-    if SETTINGS.get("sync", False):
-        SETTINGS.update({"sync": False})
-
-
 setup()

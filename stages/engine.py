@@ -19,20 +19,17 @@ from pipeline.context import StageContext, StageResult
 from pipeline.engines import require_backend, select_backend
 from pipeline.engines.common import (
     CalibrationSet,
-    calibration_set,
     cpu_has_vnni,
     cpu_model,
-    evaluate_artifact,
-    fit_batch,
+    fill_batch,
     median_ms,
-    model_imgsz,
     onnx_metadata,
     qdq_nodes,
-    real_batch,
-    source_metrics,
 )
 from pipeline.errors import UserError
+from pipeline.imgsz import hw, imgsz_of
 from pipeline.models import size_mb
+from stages._shared import calibration_set, evaluate_artifact, real_batch, source_metrics
 
 PARITY_IMAGES = 8  # validation images the engine is compared with its source ONNX on
 QDQ_TOLERANCE = 0.01  # mean relative difference a QDQ model may show between two INT8 runtimes
@@ -47,7 +44,10 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         raise UserError(f"engine.input={src} is not an ONNX file; run stage=export first, or set engine.input=PATH.onnx")
     qdq = qdq_nodes(onnx.load(str(src), load_external_data=False)) > 0
     meta = onnx_metadata(src)
-    imgsz = model_imgsz(meta, src)
+    size = imgsz_of(meta)
+    if size is None:
+        raise UserError(f"{src} carries no input size in its metadata; export it with stage=export")
+    imgsz = hw(size)
     backend, why = select_backend(str(e.backend))
     ctx.log.info("engine: backend %s (%s)", backend, why)
     if backend == "onnxruntime" and e.precision == "fp16" and not qdq:
@@ -97,7 +97,7 @@ def _onnxruntime(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: s
     sess = ortb.session(out, int(e.threads))
     batch, ref = _reference(ctx, src, imgsz, int(e.threads))
     metrics.update(parity(ref, sess.run(None, {sess.get_inputs()[0].name: batch})[0]))
-    x = fit_batch(real_batch(ctx, imgsz, n=1), ortb.fixed_batch_of(sess))
+    x = fill_batch(real_batch(ctx, imgsz, n=1), ortb.fixed_batch_of(sess))
     name = sess.get_inputs()[0].name
     metrics.update(latency_ms=median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs)),
                    latency_threads=int(e.threads), cpu_model=cpu_model(), onnxruntime_version=_version("onnxruntime"))
@@ -176,7 +176,7 @@ def _reference(ctx: StageContext, src: Path, imgsz: tuple[int, int], threads: in
     from pipeline.engines import onnxruntime as ortb
 
     sess = ortb.session(src, threads)
-    batch = fit_batch(real_batch(ctx, imgsz, n=PARITY_IMAGES), ortb.fixed_batch_of(sess))
+    batch = fill_batch(real_batch(ctx, imgsz, n=PARITY_IMAGES), ortb.fixed_batch_of(sess))
     return batch, sess.run(None, {sess.get_inputs()[0].name: batch})[0]
 
 

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import UserError
-from pipeline.evaluation import available_splits, evaluate, model_imgsz
+from pipeline.evaluation import available_splits, evaluate
+from pipeline.imgsz import model_imgsz, side
 from pipeline.models import load_model, model_figures, size_mb
 
 PLOT_ROLES = {"BoxPR_curve.png": "pr_curve", "confusion_matrix.png": "confusion_matrix",
@@ -48,8 +49,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
 def _size_figures(ctx: StageContext, path: Path, imgsz: int | None) -> dict[str, Any]:
     """size_mb of the artifact; params/GFLOPs measured for a .pt, else taken from the record that made it."""
     if path.suffix == ".pt":
-        size = imgsz or model_imgsz(path) or 640
-        return model_figures(load_model(path), max(size) if isinstance(size, list) else int(size), path)
+        return model_figures(load_model(path), side(imgsz or model_imgsz(path) or 640), path)
     figures: dict[str, Any] = {"size_mb": size_mb(path)}
     record = ctx.input_record()
     if record is not None:

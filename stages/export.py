@@ -20,10 +20,12 @@ import numpy as np
 
 from pipeline.context import StageContext, StageResult
 from pipeline.engines import onnxruntime as ortb
-from pipeline.engines.common import evaluate_artifact, fit_batch, median_ms, qdq_nodes, real_batch
+from pipeline.engines.common import fill_batch, median_ms, qdq_nodes
 from pipeline.errors import UserError
+from pipeline.imgsz import imgsz_of, side
 from pipeline.manifest import atomic_write_bytes
 from pipeline.models import load_checkpoint, load_model, model_figures, size_mb
+from stages._shared import evaluate_artifact, real_batch
 
 PARITY_IMAGES = 8  # validation images in the parity batch
 FP32_TOLERANCE = 1e-3  # largest ORT-vs-PyTorch difference an FP32 export should show
@@ -43,8 +45,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if qat and e.half:
         raise UserError("export.half=true does not apply to a QAT model: its ONNX is INT8 (QuantizeLinear/"
                         "DequantizeLinear); export it with export.half=false")
-    trained = (ckpt.get("train_args") or {}).get("imgsz")
-    imgsz = int(e.imgsz or (max(trained) if isinstance(trained, (list, tuple)) else trained) or 640)
+    imgsz = int(e.imgsz or side(imgsz_of(ckpt.get("train_args")) or 640))
     del ckpt
     figures = model_figures(load_model(src), imgsz)
 
@@ -75,7 +76,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         ctx.warn("the checkpoint is a QAT model but its ONNX holds no QuantizeLinear/DequantizeLinear nodes")
 
     sess = ortb.session(out, int(e.threads))
-    x = fit_batch(batch[:1], ortb.fixed_batch_of(sess))
+    x = fill_batch(batch[:1], ortb.fixed_batch_of(sess))
     name = sess.get_inputs()[0].name
     metrics["latency_ms"] = median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs))
     metrics["latency_threads"] = int(e.threads)

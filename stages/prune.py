@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.context import StageContext, StageResult
-from pipeline.evaluation import model_imgsz
+from pipeline.imgsz import model_imgsz, side
 from pipeline.manifest import atomic_write_text
 from pipeline.models import load_checkpoint, load_model, model_figures, save_checkpoint
 from pipeline.pruning import ChannelPruner, layer_channels
@@ -37,8 +37,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     src = ctx.input_path("model")
     ckpt = load_checkpoint(src)
     model = load_model(src)
-    size = model_imgsz(src) or 640
-    imgsz = max(size) if isinstance(size, list) else int(size)
+    imgsz = side(model_imgsz(src) or 640)
     before = model_figures(model, imgsz)
 
     t0 = time.perf_counter()

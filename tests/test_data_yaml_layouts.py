@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.config import DatasetConfig
 from pipeline.datasets import prepare
-from pipeline.datasets.sources import open_source
+from pipeline.datasets.formats import open_source
 from pipeline.datasets.yolo import YoloImporter
 from pipeline.errors import UserError
 

@@ -22,7 +22,6 @@ from pipeline.engines import openvino as ovb
 from pipeline.engines import select_backend
 from pipeline.engines import tensorrt as trtb
 from pipeline.engines.common import (
-    calibration_set,
     decode_layer,
     folder_images,
     keep_float,
@@ -31,6 +30,7 @@ from pipeline.engines.common import (
 )
 from pipeline.errors import UserError
 from pipeline.manifest import Manifest
+from stages._shared import calibration_set
 
 log = logging.getLogger("test")
 

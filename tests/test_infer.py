@@ -24,8 +24,9 @@ from PIL import Image
 from torch import nn
 
 from pipeline.config import register, validate
+from pipeline.datasets.images import letterbox, read_image
 from pipeline.manifest import Manifest
-from pipeline.predict import Predictor, batch_shapes, letterbox, read_image, scan_folder, unique_keys
+from pipeline.predict import Predictor, batch_shapes, scan_folder, unique_keys
 from pipeline.runner import run_stage
 
 IMGSZ = 128
@@ -431,6 +432,45 @@ def test_resume_after_failure(models, source, tmp_path, monkeypatch):
     other = stage(results, *args, "infer.resume=true", "infer.conf=0.5")  # settings changed: nothing adopted
     assert other["metrics"]["resumed"] == 0
     assert any("no failed infer run" in w or "other settings" in w for w in other["warnings"])
+
+
+def test_resume_relabels_an_image_replaced_since_the_failed_run(models, tmp_path, monkeypatch):
+    """An image replaced between the crash and the resume (same name, other content) is labelled again."""
+    import stages.infer as infer_stage
+
+    source, results = make_source(tmp_path / "src"), tmp_path / "r"
+    args = (f"infer.input={models['onnx']}", f"infer.source={source}", f"infer.imgsz={IMGSZ}", "infer.batch=2")
+    real_write = infer_stage.Writer.write
+    calls = {"n": 0}
+
+    def dying_write(self, pred, names):
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        calls["n"] += 1
+        real_write(self, pred, names)
+
+    monkeypatch.setattr(infer_stage.Writer, "write", dying_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        stage(results, *args)
+    monkeypatch.setattr(infer_stage.Writer, "write", real_write)
+    failed = Manifest(results).runs()[-1]
+    journalled = [json.loads(line) for line in (Manifest(results).abs(failed["run_dir"]) / "detections.jsonl")
+                  .read_text().splitlines()]
+    assert len(journalled) == 4 and all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in journalled)
+
+    # Replace one labelled JPEG by another picture: taller (300 px high), its red box elsewhere.
+    rel = next(e["path"] for e in journalled if e["path"].endswith(".jpg") and "/" not in e["path"])
+    new_size, new_rects = (200, 300), [(0, 60, 180, 150, 290)]
+    draw(new_size, new_rects).save(source / rel, quality=95)
+
+    resumed = stage(results, *args, "infer.resume=true")
+    assert resumed["metrics"]["resumed"] == 3 and resumed["metrics"]["images"] == len(TRUTH)
+    assert any("1 image(s) changed" in w and rel in w for w in resumed["warnings"])
+    run_dir = Manifest(results).abs(resumed["run_dir"])
+    assert_boxes(read_yolo(run_dir / "labels" / f"{key_of(rel)}.txt", new_size), new_rects, tol=3.5)
+    entry = next(json.loads(line) for line in (run_dir / "detections.jsonl").read_text().splitlines()
+                 if json.loads(line)["path"] == rel)
+    assert (entry["width"], entry["height"]) == new_size and entry["bytes"] == (source / rel).stat().st_size
 
 
 def test_review_band_below_threshold(models, source, tmp_path):

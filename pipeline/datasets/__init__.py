@@ -125,7 +125,7 @@ def _build_synthetic(tmp: Path, final: Path, name: str, seed: int, config: dict[
 
 def prepare(cfg_dataset: Any, results_dir: Path, seed: int, log: logging.Logger) -> DatasetInfo:
     """Import (or generate) and validate the dataset once; reuse the converted copy after that."""
-    from pipeline.datasets.sources import open_source
+    from pipeline.datasets.formats import open_source
 
     datasets_dir = Path(results_dir).resolve() / "datasets"
     datasets_dir.mkdir(parents=True, exist_ok=True)

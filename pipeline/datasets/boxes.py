@@ -43,10 +43,15 @@ def denormalize(box: Box, width: float, height: float) -> Box:
     return x1 * width, y1 * height, x2 * width, y2 * height
 
 
+def kitti_name(name: str) -> str:
+    """KITTI fields are separated by whitespace: a class name cannot hold any."""
+    return "_".join(name.split()) or "object"
+
+
 def kitti_line(name: str, box: Box, score: float | None = None) -> str:
-    """A KITTI label line for a pixel xyxy box (3D fields zero, as TAO writes them)."""
+    """A KITTI label line for a pixel xyxy box (3D fields zero, as TAO writes them; score last if given)."""
     x1, y1, x2, y2 = box
-    line = f"{name} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00"
+    line = f"{kitti_name(name)} 0.00 0 0.00 {x1:.2f} {y1:.2f} {x2:.2f} {y2:.2f} 0.00 0.00 0.00 0.00 0.00 0.00 0.00"
     return line if score is None else f"{line} {score:.4f}"
 
 

@@ -1,4 +1,5 @@
-"""Image checks that avoid decoding what is intact, and the one writer of images into a dataset.
+"""Image checks that avoid decoding what is intact, the one writer of images into a dataset, and
+the one reader and letterbox that every model input goes through (inference, calibration, parity).
 
 A JPEG that ends with its end-of-image marker is taken as whole after a header read (PIL
 `Image.open` reads only the header); a PNG that ends with its IEND chunk after its chunk
@@ -30,6 +31,8 @@ ULTRALYTICS_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif
 SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif",
                     "WEBP": ".webp", "JPEG2000": ".jp2"}
 MIN_SIDE = 10  # Ultralytics refuses images under 10 px on a side
+PAD_VALUE = 114  # Ultralytics' letterbox grey
+EXIF_ORIENTATION = 0x0112
 _PLAIN_MODES = frozenset({"RGB", "L", "RGBA", "LA"})
 _JPEG_END = b"\xff\xd9"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
@@ -174,3 +177,72 @@ def write_image(src: Path, dst: Path, check: ImageCheck) -> None:
         rgb.save(dst, "JPEG", quality=95, **extra)
     else:
         rgb.save(dst, "PNG", compress_level=1, **extra)
+
+
+# -- model inputs: displayed size, decoding, letterbox ----------------------------------------------
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation (1 = as stored); a broken EXIF block counts as none, as in Ultralytics' exif_size."""
+    try:
+        return int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # PIL raises several kinds for malformed EXIF; the pixels are still fine
+        return 1
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) after EXIF orientation: 5-8 swap the axes."""
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def displayed_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as displayed (EXIF orientation applied), from its header only.
+
+    YOLO labels refer to the displayed image; raises on a file that is not a readable image.
+    """
+    with Image.open(path) as im:
+        return _oriented(im.size, _orientation(im))
+
+
+def read_image(path: Path, min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image as displayed (EXIF applied): (RGB uint8 array, original (width, height)).
+
+    With `min_size` (displayed width, height), a JPEG may be decoded at 1/2, 1/4 or 1/8 scale by
+    libjpeg's DCT scaling when it stays at least that large: several times faster for photos much
+    larger than the network input. Truncated or corrupt files raise.
+    """
+    from PIL import ImageOps
+
+    with Image.open(path) as im:
+        orientation = _orientation(im)
+        full = _oriented(im.size, orientation)
+        if min_size is not None and im.format == "JPEG":
+            im.draft(None, _oriented(min_size, orientation))
+        im.load()  # decodes now, so a truncated file fails here and not later
+        im = ImageOps.exif_transpose(im) if orientation != 1 else im
+        # The datasets' conversion (16-bit scaled, palette transparency, CMYK): what training saw.
+        return np.asarray(im if im.mode == "RGB" else to_rgb8(im)), full
+
+
+def letterbox(img: np.ndarray, shape: tuple[int, int],
+              size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Resize `img` into `shape` (h, w) keeping its aspect, pad with grey: Ultralytics' LetterBox(auto=False).
+
+    `size` is the image's original (w, h) when `img` was decoded smaller (read_image's `min_size`);
+    the scale is computed from it, so a reduced decode lands on the same geometry. Returns the padded
+    image and (left, top, new_w, new_h), which map network pixels back to original pixels:
+    x_orig = (x - left) * w / new_w.
+    """
+    import cv2
+
+    w0, h0 = size or (img.shape[1], img.shape[0])
+    r = min(shape[0] / h0, shape[1] / w0)
+    nw, nh = max(round(w0 * r), 1), max(round(h0 * r), 1)
+    if img.shape[1] != nw or img.shape[0] != nh:
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    dw, dh = (shape[1] - nw) / 2, (shape[0] - nh) / 2
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    if top or bottom or left or right:
+        img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return np.ascontiguousarray(img), (left, top, nw, nh)

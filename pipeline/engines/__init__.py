@@ -5,8 +5,6 @@ Each backend module imports its runtime lazily, so the package imports without a
 
 from __future__ import annotations
 
-BACKENDS = ("tensorrt", "openvino", "onnxruntime")
-
 
 def select_backend(requested: str) -> tuple[str, str]:
     """(backend, why) for engine.backend: `auto` takes TensorRT when it imports and a GPU is present,

@@ -1,8 +1,10 @@
-"""What every deployment backend shares: ONNX metadata, real images (letterboxed), timing, CPU facts.
+"""What every deployment backend shares: ONNX metadata, real images (letterboxed), fixed batches, timing, CPU facts.
 
 Images for parity checks and INT8 calibration always come from real files (a dataset split or
-`engine.calib_dir`), never from random data. They are letterboxed exactly as Ultralytics' predictor
-does (aspect kept, grey 114 padding, centred), RGB, CHW, scaled to 0..1.
+`engine.calib_dir`), never from random data. They are read and letterboxed by the same code as the
+predictor's (`pipeline.datasets.images`: Ultralytics' LetterBox arithmetic, grey 114 padding,
+centred), RGB, CHW, scaled to 0..1. Which files (config and context) is the stages' choice
+(`stages/_shared.py`); this module takes plain arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.datasets.images import ULTRALYTICS_SUFFIXES
+from pipeline.datasets.images import ULTRALYTICS_SUFFIXES, letterbox, read_image
 from pipeline.errors import UserError
 
 # Ultralytics writes ONNX metadata values with str(); these keys hold Python literals.
@@ -48,16 +50,6 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
 def qdq_nodes(model: Any) -> int:
     """Number of QuantizeLinear + DequantizeLinear nodes (a QAT export has them, a float one has none)."""
     return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-
-
-def model_imgsz(meta: dict[str, Any], path: Path) -> tuple[int, int]:
-    """(height, width) the model was exported for, from its metadata."""
-    imgsz = meta.get("imgsz")
-    if isinstance(imgsz, int):
-        return imgsz, imgsz
-    if isinstance(imgsz, (list, tuple)) and len(imgsz) == 2:
-        return int(imgsz[0]), int(imgsz[1])
-    raise UserError(f"{path} carries no input size in its metadata; export it with stage=export")
 
 
 def decode_layer(names: Iterable[str]) -> int | None:
@@ -122,21 +114,23 @@ def pick(paths: list[Path], n: int, seed: int = 0) -> list[Path]:
     return [paths[i] for i in sorted(idx)]
 
 
-def letterbox(path: Path, imgsz: tuple[int, int]) -> np.ndarray | None:
-    """One image as float32 CHW RGB in 0..1, letterboxed to imgsz; None if unreadable."""
-    import cv2
-    from ultralytics.data.augment import LetterBox
+def network_input(path: Path, imgsz: tuple[int, int]) -> np.ndarray | None:
+    """One image as the network sees it: float32 CHW RGB in 0..1, letterboxed to imgsz; None if unreadable.
 
-    img = cv2.imread(str(path))
-    if img is None:
+    The predictor's reader and letterbox (EXIF applied, Ultralytics' LetterBox arithmetic), so what
+    calibration and parity checks feed is what inference feeds.
+    """
+    try:
+        img, _ = read_image(path)
+    except Exception:  # any decoder error means "not a usable image"; callers count what is left
         return None
-    img = LetterBox(new_shape=imgsz, auto=False)(image=img)
-    return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
+    boxed, _ = letterbox(img, imgsz)
+    return np.ascontiguousarray(boxed.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
 def load_batch(paths: Iterable[Path], imgsz: tuple[int, int]) -> np.ndarray:
     """Readable images among `paths`, stacked as an NCHW float32 batch."""
-    arrays = [a for a in (letterbox(p, imgsz) for p in paths) if a is not None]
+    arrays = [a for a in (network_input(p, imgsz) for p in paths) if a is not None]
     if not arrays:
         raise UserError(f"none of the images could be read ({', '.join(str(p) for p in list(paths)[:3])} ...)")
     return np.stack(arrays)
@@ -159,43 +153,28 @@ class CalibrationSet:
         return len(self.paths)
 
 
-def calibration_set(cfg: Any, ctx: Any, imgsz: tuple[int, int]) -> CalibrationSet:
-    """engine.calib_dir, else the training split: never random data (TAO's silent fallback)."""
-    e = cfg.engine
-    if e.calib_dir:
-        folder = Path(str(e.calib_dir)).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"engine.calib_dir={e.calib_dir} is not a folder; give a folder of calibration images")
-        paths, source = folder_images(folder), str(folder)
-        if not paths:
-            raise UserError(f"engine.calib_dir={e.calib_dir} holds no images ({', '.join(sorted(ULTRALYTICS_SUFFIXES))})")
-    else:
-        data_yaml = ctx.dataset().data_yaml
-        paths, source = split_images(data_yaml, "train"), f"train split of {data_yaml}"
-        if not paths:
-            raise UserError(f"the training split of {data_yaml} has no images to calibrate on; set engine.calib_dir")
-    chosen = pick(paths, int(e.calib_images), seed=int(cfg.seed))
-    if len(chosen) < int(e.calib_images):
-        ctx.warn(f"INT8 calibration uses {len(chosen)} images (engine.calib_images={e.calib_images}); "
-                 "a few hundred give steadier ranges")
-    ctx.log.info("INT8 calibration: %d images from %s", len(chosen), source)
-    return CalibrationSet(chosen, imgsz, int(e.calib_batch), source)
+def fill_batch(x: Any, size: int | None) -> Any:
+    """`x` (numpy or torch, batch first) with its rows cycled or cut to `size` rows (unchanged for None).
 
-
-def real_batch(ctx: Any, imgsz: tuple[int, int], n: int = 8, split: str = "val") -> np.ndarray:
-    """The first n images of a dataset split, letterboxed: the batch parity checks run on."""
-    data_yaml = ctx.dataset().data_yaml
-    paths = split_images(data_yaml, split)
-    if not paths:
-        raise UserError(f"the {split} split of {data_yaml} has no images")
-    return load_batch(paths[:n], imgsz)
-
-
-def fit_batch(x: np.ndarray, fixed: int | None) -> np.ndarray:
-    """`x` repeated or cut to a fixed-batch graph's batch size (unchanged for a dynamic batch)."""
-    if not fixed or fixed == len(x):
+    A fixed-batch graph is fed real images in every row: repeated rows, not zeros, so a parity check
+    or a latency run computes on what the model will see.
+    """
+    if not size or size == len(x):
         return x
-    return np.concatenate([x] * fixed)[:fixed]
+    return x[[i % len(x) for i in range(size)]]
+
+
+def fixed_batches(x: Any, size: int | None) -> Iterator[tuple[Any, int]]:
+    """(chunk, real rows) pairs that feed `x` to a graph whose batch is fixed at `size` (None: x whole).
+
+    The last chunk is filled up by `fill_batch`; only its first `real rows` outputs belong to `x`.
+    """
+    if not size:
+        yield x, len(x)
+        return
+    for i in range(0, len(x), size):
+        chunk = x[i : i + size]
+        yield fill_batch(chunk, size), len(chunk)
 
 
 # -- timing and machine facts ----------------------------------------------------------------
@@ -234,23 +213,3 @@ def cpu_has_vnni() -> bool | None:
     except OSError:
         return None
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def evaluate_artifact(cfg: Any, ctx: Any, path: Path, imgsz: tuple[int, int], device: str = "cpu",
-                      batch: int | None = None) -> dict[str, Any]:
-    """mAP of an exported artifact on the validation split, through the pipeline's one evaluator.
-
-    `batch` overrides evaluate.batch (a TensorRT engine takes no more than its profile's max batch).
-    """
-    from pipeline.evaluation import evaluate
-
-    res = evaluate(str(path), ctx.dataset().data_yaml, split="val", imgsz=max(imgsz),
-                   batch=int(cfg.evaluate.batch if batch is None else batch),
-                   conf=float(cfg.evaluate.conf), iou=float(cfg.evaluate.iou), device=device)
-    return {"mAP50": res["mAP50"], "mAP50_95": res["mAP50_95"]}
-
-
-def source_metrics(ctx: Any) -> dict[str, Any]:
-    """Metrics of the record that produced the stage's input model ({} for a file from elsewhere)."""
-    record = ctx.input_record()
-    return dict((record or {}).get("metrics", {}))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.common import CalibrationSet, decode_layer, keep_float
+from pipeline.engines.common import CalibrationSet, decode_layer, fixed_batches, keep_float
 from pipeline.errors import require
 from pipeline.manifest import atomic_write_bytes
 
@@ -44,19 +44,9 @@ def session(path: str | Path, threads: int = 2) -> Any:
 
 
 def run(sess: Any, batch: np.ndarray, fixed_batch: int | None = None) -> np.ndarray:
-    """The first output on `batch`; a fixed-batch graph is fed in chunks (last one zero-padded)."""
+    """The first output on `batch`; a fixed-batch graph is fed in chunks (common.fixed_batches)."""
     name = sess.get_inputs()[0].name
-    if not fixed_batch:
-        return sess.run(None, {name: batch})[0]
-    outs = []
-    for i in range(0, len(batch), fixed_batch):
-        chunk = batch[i : i + fixed_batch]
-        pad = fixed_batch - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out = sess.run(None, {name: chunk})[0]
-        outs.append(out[: len(out) - pad])
-    return np.concatenate(outs)
+    return np.concatenate([sess.run(None, {name: chunk})[0][:n] for chunk, n in fixed_batches(batch, fixed_batch)])
 
 
 def fixed_batch_of(sess: Any) -> int | None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.common import CalibrationSet, decode_layer, keep_float, letterbox
+from pipeline.engines.common import CalibrationSet, decode_layer, keep_float, network_input
 from pipeline.errors import require
 from pipeline.manifest import atomic_write_text
 
@@ -70,7 +70,7 @@ class _Images:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for p in self.calib.paths:
-            img = letterbox(p, self.calib.imgsz)
+            img = network_input(p, self.calib.imgsz)
             if img is not None:
                 yield img[None]
 
