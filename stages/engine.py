@@ -155,7 +155,7 @@ def _tensorrt(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
     info["built_onnx"] = info.pop("built_onnx").name
     metrics: dict[str, Any] = dict(info)
     runner = trtb.Runner(out)
-    x = fit_batch(real_batch(ctx, imgsz, n=1), runner.fixed_batch)
+    x = fill_batch(real_batch(ctx, imgsz, n=1), runner.fixed_batch)
     metrics["latency_ms"] = trtb.latency_ms(runner, x, int(e.latency_runs))
     if metrics["latency_ms"] is None:
         ctx.warn("GPU latency and parity not measured: the engine's outputs have data-dependent shapes")
