@@ -80,7 +80,7 @@ def _unquoted_non_ascii(argv: list[str]) -> str | None:
             parser.parse_overrides([arg])
         except OverrideParseException:
             key, value = arg.split("=", 1)
-            return (f"cannot read {arg!r}: Hydra takes non-ASCII characters only in a quoted value; "
+            return (f"cannot read {arg!r}: Hydra's parser reads these non-ASCII characters only in a quoted value; "
                     f"write '{key}=\"{value}\"' (the single quotes are for the shell)")
     return None
 
