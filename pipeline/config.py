@@ -268,7 +268,7 @@ _SIDE = (32, 8192)  # square network input side in pixels
 _BATCH = (1, 4096)
 _THREADS = (0, 1024)
 
-# Per schema class; a subclass inherits its bases' rules (FitConfig's serve train and retrain).
+# Per schema class; a subclass inherits its bases' rules (FitConfig's hold for train and retrain).
 _CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     DatasetConfig: {"format": ("auto", "yolo", "darknet", "kitti", "coco")},
     KmeansConfig: {"resize": ("letterbox", "stretch")},
@@ -344,8 +344,8 @@ def validate(cfg: Any) -> None:
         if choices is not None and value not in choices:
             raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
         bounds = _rule(_RANGES, cls, name)
-        if bounds is not None and value is not None and (value != value or not bounds[0] <= value <= bounds[1]):
-            raise UserError(f"{key}={value} is out of range; it must be between {bounds[0]} and {bounds[1]}")  # NaN != NaN
+        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:  # NaN fails too
+            raise UserError(f"{key}={value} is out of range; it must be between {bounds[0]} and {bounds[1]}")
     if cfg.model.name not in MODEL_NAMES:
         raise UserError(f"model.name={cfg.model.name!r} is not known; choose a family ({', '.join(MODEL_FAMILIES)}) "
                         f"and a size ({', '.join(MODEL_SIZES)}), e.g. model.name=yolo11s")

@@ -35,11 +35,11 @@ from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
+from pipeline.config import SPARSITY_KINDS
 from pipeline.devices import resolve_device, threads_kept, use_cores
 from pipeline.errors import UserError
 from pipeline.evaluation import evaluate
 
-SPARSITY_KINDS = ("none", "l1", "bn")
 # train.* / retrain.* keys passed to Ultralytics' trainer unchanged (one list: bench/train_overhead.py
 # hands exactly these to plain Ultralytics to measure our overhead).
 TRAINER_KEYS = ("epochs", "imgsz", "batch", "optimizer", "lr0", "lrf", "momentum", "weight_decay",

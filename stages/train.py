@@ -6,7 +6,7 @@ local `model.weights` file), or loaded from `train.input`. Training runs through
 checkpoint is then measured on the val split with `pipeline.evaluation.evaluate`.
 
 Outputs: `model` best.pt, `last` last.pt, `log` results.csv, `curves` curves.png (loss and mAP per
-epoch, drawn here from results.csv so it exists with train.plots=false too).
+epoch, drawn from results.csv by `pipeline.training.plot_curves`, so it exists with train.plots=false too).
 `train.resume=true` continues the newest interrupted train run of this results dir from its last.pt.
 """
 

@@ -127,7 +127,7 @@ def test_threads_mean_the_same_everywhere():
 
 @pytest.mark.parametrize("override", ["evaluate.imgsz=-32", "evaluate.batch=0", "export.imgsz=16", "infer.imgsz=0",
                                       "retrain.imgsz=8", "engine.calib_batch=0", "engine.max_batch=0",
-                                      "kmeans.width=4", "seed=-1"])
+                                      "kmeans.width=4", "seed=-1", "prune.pth=nan"])
 def test_size_and_batch_ranges_name_the_key(override):
     with pytest.raises(UserError, match=rf"^{override.split('=')[0].replace('.', '[.]')}=.* is out of range"):
         validate(cfg_with(override))
