@@ -32,10 +32,10 @@ def _overrides() -> list[str]:
 def _task(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
-    from pipeline import app
-
     try:
-        validate(cfg)
+        validate(cfg)  # before importing the stages: a bad value costs no import work
+        from pipeline import app
+
         app.run(cfg, _overrides())
     except UserError as exc:
         logging.getLogger("pipeline").debug("user error", exc_info=True)
@@ -64,9 +64,34 @@ def _flags_first(argv: list[str]) -> list[str]:
     return flags[:1] + [a for a in argv if a not in ("-m", "--multirun")]
 
 
+def _unquoted_non_ascii(argv: list[str]) -> str | None:
+    """A message for an override Hydra's lexer cannot read because of unquoted non-ASCII characters.
+
+    Hydra's own error only points at the character; the fix (quote the value) is not in it.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if "=" not in arg or arg.isascii():
+            continue
+        try:
+            parser.parse_overrides([arg])
+        except OverrideParseException:
+            key, value = arg.split("=", 1)
+            return (f"cannot read {arg!r}: Hydra's parser reads these non-ASCII characters only in a quoted value; "
+                    f"write '{key}=\"{value}\"' (the single quotes are for the shell)")
+    return None
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     sys.argv[1:] = _flags_first(sys.argv[1:])
+    unreadable = _unquoted_non_ascii(sys.argv[1:])
+    if unreadable:
+        print(f"error: {unreadable}", file=sys.stderr)
+        sys.exit(2)
     if not CONF_DIR.is_dir():
         print(f"error: config folder {CONF_DIR} not found; install the package in editable mode (pip install -e .)",
               file=sys.stderr)

@@ -22,7 +22,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> Any:
     if stage == "help":
         from pipeline.config import print_help
 
-        return print_help()
+        return print_help(cfg)
     if stage == "report":
         from stages.report import run_report
 
@@ -53,7 +53,7 @@ def run_all(cfg: DictConfig, overrides: list[str]) -> list[Record]:
         if spec.produces_model:
             model_from = record
     trained = next((r for r in records if r["stage"] == "train"), None)
-    if cfg.get("control", True) and trained is not None:
+    if cfg.control and trained is not None:
         records += run_control(cfg, overrides, manifest, trained, reuse)
     return records
 

@@ -70,6 +70,11 @@ def use_cores(threads: int = 0, meter: CoreMeter | None = None) -> int:
     return n
 
 
+def cpu_threads(threads: int) -> int:
+    """The thread count a `threads` key stands for: itself, or (0) the cores other processes leave free."""
+    return int(threads) or CoreMeter().free_cores()
+
+
 class CoreMeter:
     """How many of this process's cores other processes leave free, from successive /proc/stat samples."""
 

@@ -7,7 +7,7 @@ Detect head's output convolutions and DFL stay in float, checkpoints carry the f
 pairs. What differs is the calibration: ours runs on `calib_batches` un-augmented training images
 of the model *as it is now* (after float recovery), chosen with a seed, instead of on 8 mosaic
 batches the trainer draws itself. ModelOpt holds the ranges fixed after calibration, so they must
-come from a model that already detects (recipes.md, "QAT").
+come from a model that already detects (docs/retrain-qat.md, "Two phases, and why").
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.context import StageContext, StageResult
+from pipeline.devices import cpu_threads
 from pipeline.engines import require_backend, select_backend
 from pipeline.engines.common import (
     CalibrationSet,
@@ -87,6 +88,7 @@ def _onnxruntime(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: s
     from pipeline.engines import onnxruntime as ortb
 
     e = cfg.engine
+    threads = cpu_threads(e.threads)
     out = ctx.run_dir / "model.onnx"
     metrics: dict[str, Any] = {}
     if precision == "int8" and not qdq:
@@ -94,13 +96,13 @@ def _onnxruntime(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: s
     else:
         ortb.passthrough(src, out)
     metrics.update(ortb.executed_precision(out))
-    sess = ortb.session(out, int(e.threads))
-    batch, ref = _reference(ctx, src, imgsz, int(e.threads))
+    sess = ortb.session(out, threads)
+    batch, ref = _reference(ctx, src, imgsz, threads)
     metrics.update(parity(ref, sess.run(None, {sess.get_inputs()[0].name: batch})[0]))
     x = fill_batch(real_batch(ctx, imgsz, n=1), ortb.fixed_batch_of(sess))
     name = sess.get_inputs()[0].name
     metrics.update(latency_ms=median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs)),
-                   latency_threads=int(e.threads), cpu_model=cpu_model(), onnxruntime_version=_version("onnxruntime"))
+                   latency_threads=threads, cpu_model=cpu_model(), onnxruntime_version=_version("onnxruntime"))
     if e.evaluate:
         metrics.update(evaluate_artifact(cfg, ctx, out, imgsz))
     return [("model", out)], metrics
@@ -111,6 +113,7 @@ def _openvino(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
     from pipeline.engines import openvino as ovb
 
     e = cfg.engine
+    threads = cpu_threads(e.threads)
     folder = ctx.run_dir / "model_openvino_model"  # the *_openvino_model/ name is how AutoBackend recognises it
     # The parity check compares OpenVINO with ONNX Runtime on the graph OpenVINO read (with the
     # overflow fix: the 7-bit-weight one); the fix's own effect shows in mAP50_95 vs source_mAP50_95.
@@ -118,12 +121,12 @@ def _openvino(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
     metrics: dict[str, Any] = ovb.build(src, folder, precision, qdq, calib, meta, ctx.log, overflow_fix=fixed,
                                         float_precision=str(e.float_precision))
     x = real_batch(ctx, imgsz, n=1)
-    compiled = ovb.compile_static(folder / "model.xml", x.shape, int(e.threads))
+    compiled = ovb.compile_static(folder / "model.xml", x.shape, threads)
     metrics.update(ovb.executed_precision(compiled))
-    batch, ref = _reference(ctx, fixed or src, imgsz, int(e.threads))
+    batch, ref = _reference(ctx, fixed or src, imgsz, threads)
     if fixed is not None:
         fixed.unlink()
-    metrics.update(parity(ref, ovb.infer(ovb.compile_static(folder / "model.xml", batch.shape, int(e.threads)), batch)))
+    metrics.update(parity(ref, ovb.infer(ovb.compile_static(folder / "model.xml", batch.shape, threads), batch)))
     metrics["cpu_int8_vnni"] = cpu_has_vnni()
     if qdq and metrics["mean_rel_diff_vs_onnx"] > QDQ_TOLERANCE:
         why = ("; this CPU has no VNNI and its INT8 kernels saturate: leave engine.overflow_fix=true"
@@ -131,7 +134,7 @@ def _openvino(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
         ctx.warn(f"OpenVINO's INT8 output is {metrics['mean_rel_diff_vs_onnx']:.1%} off the QAT model's own "
                  f"(ONNX Runtime, same images){why}: compare mAP50_95 with source_mAP50_95")
     metrics.update(latency_ms=median_ms(lambda: ovb.infer(compiled, x), int(e.latency_runs)),
-                   latency_threads=int(e.threads), cpu_model=cpu_model(), openvino_version=ovb.version())
+                   latency_threads=threads, cpu_model=cpu_model(), openvino_version=ovb.version())
     if e.evaluate:
         metrics.update(evaluate_artifact(cfg, ctx, folder, imgsz))
     outputs = [("model", folder), ("ir_xml", folder / "model.xml"), ("ir_bin", folder / "model.bin")]
@@ -143,8 +146,9 @@ def _tensorrt(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str,
     from pipeline.engines import tensorrt as trtb
 
     e = cfg.engine
+    threads = cpu_threads(e.threads)
     out = ctx.run_dir / "model.engine"
-    batch, ref = _reference(ctx, src, imgsz, int(e.threads))
+    batch, ref = _reference(ctx, src, imgsz, threads)
     info = trtb.build(src, out, precision, qdq, calib, e, imgsz, meta, ctx.log, sample=batch)
     trtb.check_compatible(out)
     outputs: list[tuple[str, Path]] = [("model", out), ("sidecar", info.pop("sidecar")),

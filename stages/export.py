@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.context import StageContext, StageResult
+from pipeline.devices import cpu_threads
 from pipeline.engines import onnxruntime as ortb
 from pipeline.engines.common import fill_batch, median_ms, qdq_nodes
 from pipeline.errors import UserError
@@ -36,6 +37,7 @@ QAT_TOLERANCE = 0.01
 
 def run(cfg: Any, ctx: StageContext) -> StageResult:
     e = cfg.export
+    threads = cpu_threads(e.threads)
     src = ctx.input_path("model")
     if src.suffix != ".pt":
         raise UserError(f"export.input={src} is not a PyTorch checkpoint (.pt); export takes the output of "
@@ -60,7 +62,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
             parity_path = Path(tmp) / "raw.onnx"
             atomic_write_bytes(parity_path, _export(src, Path(tmp) / "raw", e, imgsz, nms=False).SerializeToString())
         batch = real_batch(ctx, (imgsz, imgsz), n=PARITY_IMAGES)
-        diff, rel = _parity(parity_path, src, batch, int(e.threads))
+        diff, rel = _parity(parity_path, src, batch, threads)
 
     metrics: dict[str, Any] = {
         **figures, "size_mb": size_mb(out), "max_abs_diff": diff, "mean_rel_diff": rel, "parity_images": len(batch),
@@ -75,16 +77,16 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if qat and not metrics["qdq_nodes"]:
         ctx.warn("the checkpoint is a QAT model but its ONNX holds no QuantizeLinear/DequantizeLinear nodes")
 
-    sess = ortb.session(out, int(e.threads))
+    sess = ortb.session(out, threads)
     x = fill_batch(batch[:1], ortb.fixed_batch_of(sess))
     name = sess.get_inputs()[0].name
     metrics["latency_ms"] = median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs))
-    metrics["latency_threads"] = int(e.threads)
+    metrics["latency_threads"] = threads
     metrics["latency_batch"] = len(x)
     if e.evaluate:
         metrics.update(evaluate_artifact(cfg, ctx, out, (imgsz, imgsz)))
     ctx.log.info("export: %s (%.2f MB, %d QDQ nodes, max |ORT - PyTorch| = %.3g, %.2f ms batch %d on %d threads)",
-                 out.name, metrics["size_mb"], metrics["qdq_nodes"], diff, metrics["latency_ms"], len(x), e.threads)
+                 out.name, metrics["size_mb"], metrics["qdq_nodes"], diff, metrics["latency_ms"], len(x), threads)
     return StageResult(outputs=[("model", out)], metrics=metrics)
 
 

@@ -124,6 +124,24 @@ def test_collapse_guard_warns_below_half_with_both_numbers(tmp_path):
     assert len(ctx.warnings) == 1 and "0.0500" in ctx.warnings[0] and "0.6000" in ctx.warnings[0]
 
 
+def test_retrain_size_is_the_key_else_the_models_else_trains(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register
+    from stages.retrain import _imgsz
+
+    model = build_model("yolov8n", nc=2)
+    trained_at = save_checkpoint(model, tmp_path / "a.pt", extra={"train_args": {"imgsz": [128, 96]}})
+    unknown = save_checkpoint(model, tmp_path / "b.pt", extra={"train_args": {}})
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        default = compose("config", overrides=["train.imgsz=320"])
+        pinned = compose("config", overrides=["train.imgsz=320", "retrain.imgsz=224"])
+    assert _imgsz(default, trained_at) == 128
+    assert _imgsz(default, unknown) == 320
+    assert _imgsz(pinned, trained_at) == 224
+
+
 # -- the stage, through the CLI -----------------------------------------------------------------
 
 def _hand_pruned(tiny_model_pt, path):
@@ -137,13 +155,14 @@ def _hand_pruned(tiny_model_pt, path):
     tp.prune_batchnorm_out_channels(first.bn, drop)
     tp.prune_conv_in_channels(second.conv, drop)
     assert count_params(model) < count_params(load_model(tiny_model_pt))
-    return save_checkpoint(model, path), count_params(model)
+    # As prune keeps them: the training size retrain.imgsz=null retrains at (smoke's train.imgsz is 96).
+    return save_checkpoint(model, path, extra={"train_args": {"imgsz": 64}}), count_params(model)
 
 
 def _retrain(results_dir, *overrides):
     from conftest import run_cli
 
-    proc = run_cli("stage=retrain", "experiment=smoke", f"results_dir={results_dir}", "retrain.imgsz=64",
+    proc = run_cli("stage=retrain", "experiment=smoke", f"results_dir={results_dir}",
                    "dataset.synthetic_train=16", "dataset.synthetic_val=8", "dataset.synthetic_classes=2", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = Manifest(results_dir).succeeded("retrain")[-1]
@@ -171,6 +190,7 @@ def test_retrain_qat_keeps_pruned_architecture_and_records_quantisation(pruned, 
     for key in ("mAP50", "mAP50_95", "mAP50_95_after_load", "mAP50_95_float", "gflops", "size_mb"):
         assert isinstance(m[key], float) and m[key] >= 0, key
     assert m["epochs"] == 1 and m["qat_epochs"] == 1
+    assert m["imgsz"] == 64  # retrain.imgsz=null: the size the pruned model was trained at
     assert qat.checkpoint_is_qat(outputs["model"]) and not qat.checkpoint_is_qat(outputs["float_model"])
     assert outputs["qat_log"].exists() and outputs["float_curves"].exists()
 

@@ -13,7 +13,15 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.models import build_model, load_model
-from pipeline.training import FitResult, PipelineTrainer, SparsityLoss, fit, sparsity_params
+from pipeline.training import (
+    FitResult,
+    PipelineTrainer,
+    SparsityLoss,
+    fit,
+    move_up,
+    sparsity_params,
+    training_device,
+)
 
 TINY = {"epochs": 2, "imgsz": 64, "batch": 8, "workers": 0, "device": "cpu", "seed": 0, "plots": False,
         "mosaic": 0.0, "close_mosaic": 0}
@@ -263,11 +271,38 @@ def test_smoke_train_then_evaluate_cli(results_dir):
     assert missing.returncode == 2 and "evaluate.split=test" in missing.stderr
 
 
-def test_train_device_resolution():
-    from stages.train import train_device
-
-    assert train_device("auto", "cpu") == "cpu"
-    assert train_device("cpu", "0") == "cpu"
+def test_training_device_resolution_names_the_callers_key():
+    assert training_device("auto", "cpu") == "cpu"
+    assert training_device("cpu", "0") == "cpu"
     if torch.cuda.device_count() < 2:
-        with pytest.raises(UserError, match="train.device=0,1"):
-            train_device("0,1", "cpu")  # DDP needs the GPUs to be there
+        with pytest.raises(UserError, match="^train.device=0,1: "):
+            training_device("0,1", "cpu")  # DDP needs the GPUs to be there
+        with pytest.raises(UserError) as err:
+            training_device("0,1", "cpu", key="retrain.device")
+        assert "train.device" not in str(err.value).replace("retrain.device", "")
+
+
+def test_move_up_moves_into_the_run_folder_and_optionally_drops_the_rest(tmp_path):
+    weights = tmp_path / "phase" / "weights"
+    weights.mkdir(parents=True)
+    (weights / "best.pt").write_bytes(b"best")
+    (weights / "last.pt").write_bytes(b"last")
+    assert move_up(weights / "last.pt", tmp_path / "last.pt") == tmp_path / "last.pt"  # stage=train keeps both
+    assert (tmp_path / "last.pt").read_bytes() == b"last" and (weights / "best.pt").exists()
+    assert move_up(tmp_path / "last.pt", tmp_path / "last.pt").read_bytes() == b"last"  # already there: kept
+    moved = move_up(weights / "best.pt", tmp_path / "model.pt", drop_folder=True)  # stage=retrain: a phase's
+    assert moved.read_bytes() == b"best" and not weights.exists()  # weights/ (and its last.pt) goes
+
+
+def test_fit_splits_into_steps_that_refuse_bad_arguments_early(tmp_path):
+    with pytest.raises(UserError, match="sparsity='l3'"):
+        fit("yolov8n.yaml", tmp_path / "data.yaml", tmp_path / "x", TINY, sparsity="l3")
+    with pytest.raises(UserError, match="sparsity=l1 needs sparsity_weight > 0"):
+        fit("yolov8n.yaml", tmp_path / "data.yaml", tmp_path / "x", TINY, sparsity="l1")
+    with pytest.raises(UserError, match="epochs=0: train at least one epoch"):
+        fit("yolov8n.yaml", tmp_path / "data.yaml", tmp_path / "x", {**TINY, "epochs": 0})
+    with pytest.raises(UserError, match="resume: .*missing.pt does not exist"):
+        fit(tmp_path / "missing.pt", tmp_path / "data.yaml", tmp_path / "x", {**TINY, "resume": True})
+    with pytest.raises(UserError, match="not .*yolov8n.pt; load it with pipeline.models"):
+        fit("yolov8n.pt", tmp_path / "data.yaml", tmp_path / "x", TINY)
+    assert not (tmp_path / "x").exists()
