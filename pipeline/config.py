@@ -30,9 +30,12 @@ from stages import COMMANDS, STAGES
 Stage = Enum("Stage", [(name, name) for name in (*STAGES, *COMMANDS)], type=str, module=__name__)
 
 
-MODEL_FAMILIES = ("yolov8", "yolo11")
+# Every Ultralytics detection family the installed package builds from its YAML, as a name pattern
+# ("{}" = the size): YOLO26 (NMS-free head, no DFL), YOLO12 (attention), YOLO11, YOLOv8, YOLOv5u.
+MODEL_FAMILIES = {"yolo26": "yolo26{}", "yolo12": "yolo12{}", "yolo11": "yolo11{}", "yolov8": "yolov8{}",
+                  "yolov5u": "yolov5{}u"}
 MODEL_SIZES = ("n", "s", "m", "l", "x")
-MODEL_NAMES = tuple(f"{family}{size}" for family in MODEL_FAMILIES for size in MODEL_SIZES)
+MODEL_NAMES = tuple(pattern.format(size) for pattern in MODEL_FAMILIES.values() for size in MODEL_SIZES)
 
 
 @dataclass
@@ -55,7 +58,7 @@ class DatasetConfig:
 class ModelConfig:
     """model.*: the detector (`model=yolo11s` picks a name as well as `model.name=yolo11s`)."""
 
-    name: str = "yolov8n"  # yolov8{n,s,m,l,x} | yolo11{n,s,m,l,x}; built from Ultralytics' YAML
+    name: str = "yolov8n"  # yolo26{n..x} | yolo12{n..x} | yolo11{n..x} | yolov8{n..x} | yolov5{n..x}u; from Ultralytics' YAML
     weights: str | None = None  # local .pt to start from (pretrained weights need the internet or a local file)
 
 
@@ -345,8 +348,9 @@ def validate(cfg: Any) -> None:
         if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:  # NaN fails too
             raise UserError(f"{key}={value} is out of range; it must be between {bounds[0]} and {bounds[1]}")
     if cfg.model.name not in MODEL_NAMES:
-        raise UserError(f"model.name={cfg.model.name!r} is not known; choose a family ({', '.join(MODEL_FAMILIES)}) "
-                        f"and a size ({', '.join(MODEL_SIZES)}), e.g. model.name=yolo11s")
+        families = ", ".join(p.format("{" + ",".join(MODEL_SIZES) + "}") for p in MODEL_FAMILIES.values())
+        raise UserError(f"model.name={cfg.model.name!r} is not known; the families are {families} "
+                        "(e.g. model.name=yolo26n)")
     for fmt in cfg.infer.formats:
         if fmt not in ("yolo", "kitti"):
             raise UserError(f"infer.formats contains {fmt!r}; allowed: yolo, kitti")

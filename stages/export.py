@@ -143,6 +143,8 @@ def _parity(onnx_path: Path, src: Path, batch: np.ndarray, threads: int) -> tupl
     from ultralytics import YOLO
 
     model = YOLO(str(src), task="detect").model.float().eval()
+    if hasattr(model, "end2end"):  # an NMS-free head (YOLO26): the branch the exporter chose (its metadata)
+        model.end2end = _onnx_end2end(onnx_path)
     with torch.no_grad():
         ref = model(torch.from_numpy(batch))
     ref = (ref[0] if isinstance(ref, (list, tuple)) else ref).numpy()
@@ -152,3 +154,16 @@ def _parity(onnx_path: Path, src: Path, batch: np.ndarray, threads: int) -> tupl
         raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch output shape {ref.shape}")
     diff = np.abs(got - ref)
     return float(diff.max()), round(float(diff.mean() / max(float(np.abs(ref).mean()), 1e-12)), 6)
+
+
+def _onnx_end2end(path: Path) -> bool:
+    """Whether Ultralytics exported the NMS-free (one2one, top-k) outputs: its `end2end` metadata."""
+    import ast
+
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        return bool(ast.literal_eval(meta.get("end2end", "False")))
+    except (ValueError, SyntaxError):
+        return False

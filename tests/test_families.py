@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,3 +49,17 @@ def test_an_nms_free_heads_one2one_copy_is_cut_with_its_inputs():
         first_many = next(m for m in many.modules() if isinstance(m, torch.nn.Conv2d))
         first_one = next(m for m in one.modules() if isinstance(m, torch.nn.Conv2d))
         assert first_many.in_channels == first_one.in_channels
+
+
+@pytest.mark.parametrize("name", ["yolo26x", "yolov5lu"])
+def test_the_large_sizes_compose_and_build(name):
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register, validate
+    from pipeline.models import count_params
+
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"model.name={name}"])
+    validate(cfg)
+    assert count_params(build_model(cfg.model.name, nc=3)) > 20_000_000
