@@ -182,9 +182,8 @@ class EngineConfig:
     input: str | None = None  # ONNX model (default: newest export output)
     backend: str = "auto"  # auto | tensorrt | openvino | onnxruntime
     precision: str = "int8"  # fp32 | fp16 | int8
-    # OpenVINO: precision of the float parts (an fp32 IR, the INT8 IR's Detect decode), recorded with
-    # the IR and set wherever it is compiled; auto = the CPU's default (bf16 on BF16 CPUs)
-    float_precision: str = "f32"  # f32 | bf16 | f16 | auto
+    # OpenVINO: precision of the float parts (an fp32 IR, the INT8 IR's Detect decode), recorded with the IR
+    float_precision: str = "f32"  # OpenVINO float parts: f32 | bf16 | f16 | auto (= the CPU's own pick, bf16 on BF16 CPUs)
     calib_dir: str | None = None  # calibration images (default: the training split; never random data)
     calib_images: int = 256  # images used for PTQ calibration
     calib_batch: int = 8  # images per calibration batch

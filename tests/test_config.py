@@ -179,8 +179,8 @@ def test_help_shows_the_values_this_command_line_gives():
             if line.startswith("  ")}
     assert rows["train.epochs"][1] == "2" and rows["kmeans.width"][1] == "96"
     assert rows["retrain.imgsz"][1] == "null" and rows["infer.formats"][1] == "[yolo,kitti]"
-    assert rows["train.threads"][2] == "CPU compute threads; 0 = every core this process may use"
-    assert rows["stage"][2].endswith("infer | all | report")
+    assert rows["train.threads"][2] == "CPU compute threads; 0 = auto: the cores other processes leave free (measured)"
+    assert rows["stage"][2].endswith("infer | all | report | help")
     assert help_text().count("\n  train.epochs ") == 1 and " 100 " in _row(help_text(), "train.epochs")
 
 

@@ -137,9 +137,9 @@ def test_stage_help_dispatches_to_the_key_printer(tmp_path, monkeypatch):
     import pipeline.config
 
     printed = []
-    monkeypatch.setattr(pipeline.config, "print_help", lambda: printed.append(True), raising=False)
+    monkeypatch.setattr(pipeline.config, "print_help", lambda cfg: printed.append(str(cfg.results_dir)), raising=False)
     app.run(make_cfg(tmp_path, "stage=help"), [])
-    assert printed == [True]
+    assert printed == [str(tmp_path)]  # the composed config is what help prints the values of
     assert not (tmp_path / "manifest.json").exists()  # help records nothing
 
 
