@@ -213,6 +213,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | 0 | 0,1
     force: bool = False  # stage=all: redo runs even when a matching one exists
     experiment: Any = None  # name of the preset chosen (set by experiment/*.yaml)
+    # Model files from elsewhere allowed to unpickle in full, which runs any code they hold (docs/model-files.md)
+    trust_pickle: list[str] = field(default_factory=list)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     kmeans: KmeansConfig = field(default_factory=KmeansConfig)

@@ -33,6 +33,7 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline import safe_load
 from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
 
@@ -75,6 +76,8 @@ def evaluate(
         model = Path(model)
         if not model.exists():
             raise UserError(f"model {model} does not exist; give the path of a model file or folder")
+        if model.suffix == ".pt":
+            safe_load.check(model)  # Ultralytics' loader below unpickles in full
         if model.suffix == ".engine":
             from pipeline.engines.tensorrt import check_compatible
 

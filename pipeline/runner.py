@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import UserError, resource_error
 from pipeline.manifest import FAILED, RUNNING, SUCCEEDED, Manifest, atomic_write_text
+from pipeline.safe_load import trust_from_config
 
 log = logging.getLogger("pipeline")
 
@@ -92,6 +93,9 @@ def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Pa
             record, entry = found
             manifest.verify_artifact(entry)
             return [{**entry, "role": "model", "produced_by": record["run_id"]}]
+        from pipeline.models import check_model_file
+
+        check_model_file(p, f"{stage}.input")  # a file from elsewhere: refused here, before a loader tracebacks
         return [manifest.artifact("model", p)]
     found = manifest.latest_output(upstream, prefer_order=prefer)
     if found is None:
@@ -135,6 +139,7 @@ def _jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: fix(v) for k, v in metrics.items()}
 
 
+@trust_from_config  # trust_pickle holds for the inputs resolved here and every load the stage makes
 def run_stage(
     cfg: DictConfig,
     stage: str,

@@ -31,6 +31,7 @@ from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
+from pipeline import safe_load
 from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
 from pipeline.evaluation import evaluate
@@ -199,6 +200,7 @@ def fit(
         last = Path(model)
         if not last.is_file():
             raise UserError(f"resume: {last} does not exist")
+        safe_load.check(last)  # Ultralytics' resume unpickles the checkpoint in full
         overrides["resume"] = str(last)
         old_csv = last.parent.parent / "results.csv"
         if old_csv.exists() and old_csv.resolve() != (save_dir / "results.csv").resolve():
