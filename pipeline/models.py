@@ -113,17 +113,17 @@ def check_model_file(path: str | Path, key: str) -> None:
 
 
 def _describe(p: Path) -> str:
-    """What a file that is not a model looks like, in a few words ("a text file (.txt)", "an empty file")."""
+    """What a file that is not a model looks like, in a few words ("a text file (.txt)", "an empty file (.bin)")."""
     with open(p, "rb") as f:
         head = f.read(4096)
-    kind = f"a {p.suffix} file" if p.suffix else "a file without a suffix"
+    suffix = p.suffix or "no suffix"
     if not head:
-        return f"an empty file ({kind[2:]})"
+        return f"an empty file ({suffix})"
     try:
         head.decode("utf-8")
     except UnicodeDecodeError:
-        return kind
-    return f"a text file ({kind[2:]})"
+        return f"a {p.suffix} file" if p.suffix else "a file without a suffix"
+    return f"a text file ({suffix})"
 
 
 def _check_onnx(p: Path, key: str) -> None:
