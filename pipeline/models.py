@@ -70,13 +70,13 @@ def load_checkpoint(path: str | Path, key: str | None = None) -> dict[str, Any]:
 
 
 def _is_detector(model: nn.Module) -> bool:
-    """An Ultralytics DetectionModel whose head is a plain detection head (not segment, pose or OBB)."""
-    from ultralytics.nn.modules.head import OBB, Detect, Pose, Segment
-    from ultralytics.nn.tasks import DetectionModel
+    """A model the predictor and evaluator can run as a detector: Ultralytics' `stride` and `names`, and no
+    classify, segment, pose or OBB head (an nn.Linear, a classifier or a segmenter is refused)."""
+    from ultralytics.nn.modules.head import OBB, Classify, Pose, Segment
 
-    layers = getattr(model, "model", None) if isinstance(model, DetectionModel) else None
-    head = layers[-1] if isinstance(layers, nn.Sequential) and len(layers) else None
-    return isinstance(head, Detect) and not isinstance(head, (Segment, Pose, OBB))
+    if not isinstance(getattr(model, "stride", None), torch.Tensor) or not getattr(model, "names", None):
+        return False
+    return not any(isinstance(m, (Classify, Segment, Pose, OBB)) for m in model.modules())
 
 
 def load_model(path: str | Path, key: str | None = None) -> nn.Module:

@@ -157,6 +157,16 @@ def test_not_a_checkpoint(tmp_path):
         load_model(linear)
 
 
+@pytest.mark.parametrize("cfg,cls", [("yolov8n-cls.yaml", "ClassificationModel"), ("yolov8n-seg.yaml", "SegmentationModel")])
+def test_models_of_other_tasks_are_not_detectors(tmp_path, cfg, cls):
+    import ultralytics.nn.tasks as tasks
+
+    path = tmp_path / "other.pt"
+    torch.save({"model": getattr(tasks, cls)(cfg, nc=2, verbose=False)}, path)
+    with pytest.raises(UserError, match=rf"holds a ultralytics\.nn\.tasks\.{cls}, not a YOLO detection model"):
+        load_model(path)
+
+
 @pytest.mark.parametrize("key", ["evaluate.input", "model.weights"])
 def test_cli_refuses_the_marker_pickle(tmp_path, key):
     path, marker = evil_pt(tmp_path)
