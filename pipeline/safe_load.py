@@ -27,6 +27,7 @@ import pickletools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,10 +48,21 @@ _MARK = object()
 _PLAIN_OPS = {
     "NONE": 0, "NEWFALSE": 0, "NEWTRUE": 0, "EMPTY_TUPLE": 0, "EMPTY_LIST": 0, "EMPTY_DICT": 0, "EMPTY_SET": 0,
     "BININT": 0, "BININT1": 0, "BININT2": 0, "BINFLOAT": 0, "BINUNICODE": 0, "SHORT_BINSTRING": 0, "LONG1": 0,
-    "APPEND": 1, "SETITEM": 2, "BUILD": 1, "BINPERSID": 1, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3,
+    "APPEND": 1, "SETITEM": 2, "BUILD": 1, "BINPERSID": 1,
 }  # name -> items popped; each pushes one item except APPEND, SETITEM and BUILD, which modify the one below
+_TUPLE_OPS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+# torch's one allowed function that calls an argument: _rebuild_from_type_v2(func, type, args, state) runs
+# func(*args), so func must be one of torch's own rebuild functions, not an allowlisted class.
+_CALLS_ITS_ARGUMENT = "torch._tensor._rebuild_from_type_v2"
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class _Global:
+    """A GLOBAL on the scanned stack (what a later REDUCE or NEWOBJ acts on)."""
+
+    name: str
 
 
 @functools.cache
@@ -108,16 +120,19 @@ def _torch_default(name: str) -> bool:
 
 
 def needs_full_unpickling(pickle_bytes: bytes) -> str | None:
-    """Why a pickle needs more than the allowlist (e.g. "it calls posix.system"), or None when it does not.
+    """Why a pickle needs more than the allowlist (e.g. "it references posix.system"), or None when it does not.
 
-    The stack is followed far enough to know what each REDUCE (a call) and NEWOBJ (a rebuild) acts on.
+    The stack is followed far enough to know what each REDUCE (a call) and NEWOBJ (a rebuild) acts on:
+    globals and tuples are kept, every other value is a placeholder.
     """
     stack: list[Any] = []
     memo: dict[int, Any] = {}
 
-    def pop_mark() -> None:
-        while stack and stack.pop() is not _MARK:
-            pass
+    def pop_mark() -> tuple[Any, ...]:
+        items: list[Any] = []
+        while (item := stack.pop()) is not _MARK:
+            items.append(item)
+        return tuple(reversed(items))
 
     try:
         for op, arg, _ in pickletools.genops(pickle_bytes):
@@ -126,26 +141,36 @@ def needs_full_unpickling(pickle_bytes: bytes) -> str | None:
                 full = _global_name(str(arg))
                 if not (_torch_default(full) or full in _callable_data() or _module_class(full)):
                     return f"it references {full}"
-                stack.append(("global", full))
+                stack.append(_Global(full))
             elif name == "REDUCE":
-                stack.pop()
+                args = stack.pop()
                 func = stack.pop()
-                target = func[1] if isinstance(func, tuple) and func[0] == "global" else None
+                target = func.name if isinstance(func, _Global) else None
                 if target is None or not (_torch_default(target) or target in _callable_data()):
                     return f"it calls {target or 'a computed function'}"
+                if target == _CALLS_ITS_ARGUMENT:
+                    inner = args[0] if isinstance(args, tuple) and args else None
+                    if not (isinstance(inner, _Global) and _torch_default(inner.name)):
+                        called = inner.name if isinstance(inner, _Global) else "a computed function"
+                        return f"it calls {called} through {target}"
                 stack.append(None)
             elif name == "NEWOBJ":
                 stack.pop()
-                cls = stack.pop()
-                if not (isinstance(cls, tuple) and cls[0] == "global"):
+                if not isinstance(stack.pop(), _Global):
                     return "it creates an object of a computed class"
                 stack.append(None)
             elif name == "MARK":
                 stack.append(_MARK)
             elif name in ("TUPLE", "APPENDS", "SETITEMS"):
-                pop_mark()
+                items = pop_mark()
                 if name == "TUPLE":
-                    stack.append(None)
+                    stack.append(items)
+            elif name in _TUPLE_OPS:
+                if len(stack) < _TUPLE_OPS[name]:
+                    return f"its pickle is malformed ({name} on a short stack)"
+                items = tuple(stack[-_TUPLE_OPS[name]:])
+                del stack[-_TUPLE_OPS[name]:]
+                stack.append(items)
             elif name in ("BINPUT", "LONG_BINPUT"):
                 memo[arg] = stack[-1]
             elif name in ("BINGET", "LONG_BINGET"):

@@ -30,14 +30,19 @@ class WritesMarker:
 
 
 class CallsConstructor:
-    """Pickles as a call of DetectionModel(cfg): allowlisted as a class, but its constructor evals the YAML."""
+    """Pickles as a call of DetectionModel(cfg): allowlisted as a class, but its constructor evals the
+    YAML's activation (here: creates the marker, then returns SiLU so that the model builds)."""
 
-    def __init__(self, marker: Path):
-        self.cfg = {"activation": f"open({str(marker)!r}, 'w')", "backbone": [], "head": [], "nc": 1}
+    def __init__(self, marker: Path, through_tensor_rebuild: bool = False):
+        self.cfg = {"activation": f"open({str(marker)!r}, 'w') and None or __import__('torch').nn.SiLU()",
+                    "backbone": [[-1, 1, "Conv", [16, 3, 2]]], "head": [[[0], 1, "Detect", ["nc"]]], "nc": 1}
+        self.through_tensor_rebuild = through_tensor_rebuild
 
     def __reduce__(self):
         from ultralytics.nn.tasks import DetectionModel
 
+        if self.through_tensor_rebuild:  # torch's allowed _rebuild_from_type_v2 calls its first argument
+            return (torch._tensor._rebuild_from_type_v2, (DetectionModel, torch.Tensor, (self.cfg,), {}))
         return (DetectionModel, (self.cfg,))
 
 
@@ -99,9 +104,10 @@ def test_marker_pickle_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_allowlisted_class_is_never_called(tmp_path):
+@pytest.mark.parametrize("indirect", [False, True], ids=["reduce", "tensor_rebuild"])
+def test_allowlisted_class_is_never_called(tmp_path, indirect):
     """A model class may be rebuilt from its state, not constructed: DetectionModel(cfg) would eval cfg."""
-    path, marker = evil_pt(tmp_path, CallsConstructor(tmp_path / "marker"))
+    path, marker = evil_pt(tmp_path, CallsConstructor(tmp_path / "marker", through_tensor_rebuild=indirect))
     with pytest.raises(UserError, match=r"it calls ultralytics\.nn\.tasks\.DetectionModel"):
         load_model(path)
     assert not marker.exists()
