@@ -5,8 +5,9 @@ checkpoints keep Ultralytics' format (`yolo predict` still reads them) and load 
 
 - model classes (`nn.Module` subclasses defined in `torch.nn.modules`, `ultralytics.nn.modules`,
   `ultralytics.nn.tasks` and `pipeline.modules`) may only be *rebuilt* (`__new__` plus a state
-  update, as pickle stores a module), never *called*: a constructor such as DetectionModel's parses
-  a YAML with `eval`, so a pickle that calls one is refused like any unknown global;
+  update, as pickle stores a module), never *called* nor stored as a value that code could call
+  later: a constructor such as DetectionModel's parses a YAML with `eval`, so a pickle that calls
+  one (directly or through torch's `_rebuild_from_type_v2`) is refused like any unknown global;
 - a few data classes found in Ultralytics checkpoints may be called: IterableSimpleNamespace,
   pathlib paths and numpy scalars/dtypes (numbers in `train_metrics`).
 
@@ -119,20 +120,40 @@ def _torch_default(name: str) -> bool:
     return name in _get_allowed_globals()
 
 
+class _Refused(Exception):
+    """Raised inside the scan with the reason a pickle needs full unpickling."""
+
+
 def needs_full_unpickling(pickle_bytes: bytes) -> str | None:
     """Why a pickle needs more than the allowlist (e.g. "it references posix.system"), or None when it does not.
 
     The stack is followed far enough to know what each REDUCE (a call) and NEWOBJ (a rebuild) acts on:
-    globals and tuples are kept, every other value is a placeholder.
+    globals and tuples are kept, every other value is a placeholder. A model class may only be the
+    target of a NEWOBJ: as a value (an argument, an element, an attribute) code could call it later.
     """
     stack: list[Any] = []
     memo: dict[int, Any] = {}
 
+    def values(items: Any) -> Any:
+        for item in items:
+            if isinstance(item, _Global) and _module_class(item.name):
+                raise _Refused(f"it passes the class {item.name} as a value")
+        return items
+
+    def pop(n: int) -> tuple[Any, ...]:
+        if len(stack) < n or _MARK in stack[len(stack) - n:]:
+            raise _Refused("its pickle is malformed (an opcode on a short stack)")
+        items = tuple(stack[len(stack) - n:])
+        del stack[len(stack) - n:]
+        return items
+
     def pop_mark() -> tuple[Any, ...]:
-        items: list[Any] = []
-        while (item := stack.pop()) is not _MARK:
-            items.append(item)
-        return tuple(reversed(items))
+        if _MARK not in stack:
+            raise _Refused("its pickle is malformed (no mark)")
+        at = len(stack) - 1 - stack[::-1].index(_MARK)
+        items = tuple(stack[at + 1:])
+        del stack[at:]
+        return values(items)
 
     try:
         for op, arg, _ in pickletools.genops(pickle_bytes):
@@ -143,8 +164,7 @@ def needs_full_unpickling(pickle_bytes: bytes) -> str | None:
                     return f"it references {full}"
                 stack.append(_Global(full))
             elif name == "REDUCE":
-                args = stack.pop()
-                func = stack.pop()
+                func, args = pop(2)
                 target = func.name if isinstance(func, _Global) else None
                 if target is None or not (_torch_default(target) or target in _callable_data()):
                     return f"it calls {target or 'a computed function'}"
@@ -155,8 +175,8 @@ def needs_full_unpickling(pickle_bytes: bytes) -> str | None:
                         return f"it calls {called} through {target}"
                 stack.append(None)
             elif name == "NEWOBJ":
-                stack.pop()
-                if not isinstance(stack.pop(), _Global):
+                cls, _args = pop(2)
+                if not isinstance(cls, _Global):
                     return "it creates an object of a computed class"
                 stack.append(None)
             elif name == "MARK":
@@ -166,22 +186,19 @@ def needs_full_unpickling(pickle_bytes: bytes) -> str | None:
                 if name == "TUPLE":
                     stack.append(items)
             elif name in _TUPLE_OPS:
-                if len(stack) < _TUPLE_OPS[name]:
-                    return f"its pickle is malformed ({name} on a short stack)"
-                items = tuple(stack[-_TUPLE_OPS[name]:])
-                del stack[-_TUPLE_OPS[name]:]
-                stack.append(items)
+                stack.append(values(pop(_TUPLE_OPS[name])))
             elif name in ("BINPUT", "LONG_BINPUT"):
                 memo[arg] = stack[-1]
             elif name in ("BINGET", "LONG_BINGET"):
                 stack.append(memo[arg])
             elif name in _PLAIN_OPS:
-                for _ in range(_PLAIN_OPS[name]):
-                    stack.pop()
+                values(pop(_PLAIN_OPS[name]))
                 if name not in ("APPEND", "SETITEM", "BUILD"):
                     stack.append(None)
             elif name not in ("PROTO", "STOP"):
                 return f"it uses the pickle opcode {name}"
+    except _Refused as refused:
+        return str(refused)
     except (ValueError, IndexError, KeyError) as exc:
         return f"its pickle is malformed ({exc})"
     return None

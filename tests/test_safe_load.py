@@ -108,7 +108,7 @@ def test_marker_pickle_never_runs(tmp_path):
 def test_allowlisted_class_is_never_called(tmp_path, indirect):
     """A model class may be rebuilt from its state, not constructed: DetectionModel(cfg) would eval cfg."""
     path, marker = evil_pt(tmp_path, CallsConstructor(tmp_path / "marker", through_tensor_rebuild=indirect))
-    with pytest.raises(UserError, match=r"it calls ultralytics\.nn\.tasks\.DetectionModel"):
+    with pytest.raises(UserError, match=r"it (calls|passes) (the class )?ultralytics\.nn\.tasks\.DetectionModel"):
         load_model(path)
     assert not marker.exists()
 
@@ -140,6 +140,8 @@ def test_scan_of_plain_pickles(tmp_path):
     assert safe_load.needs_full_unpickling(data) is None
     assert re.match(r"it references \S*open$", safe_load.needs_full_unpickling(pickle.dumps(WritesMarker(tmp_path / "m"), protocol=2)))
     assert not (tmp_path / "m").exists()
+    as_value = pickle.dumps({"factory": torch.nn.Linear}, protocol=2)  # code could call it later
+    assert safe_load.needs_full_unpickling(as_value) == "it passes the class torch.nn.modules.linear.Linear as a value"
 
 
 def test_opcodes_torch_does_not_unpickle_are_refused():
