@@ -240,6 +240,8 @@ class Config:
     # export and engine) and the unpruned FP32 ONNX export the report quotes speedups against
     control: bool = True
     experiment: Any = None  # the preset (conf/experiment/): default | smoke | full
+    # Model files from elsewhere allowed to unpickle in full, which runs any code they hold (docs/model-files.md)
+    trust_pickle: list[str] = field(default_factory=list)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     kmeans: KmeansConfig = field(default_factory=KmeansConfig)

@@ -33,6 +33,7 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline import safe_load
 from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
 from pipeline.imgsz import model_imgsz
@@ -77,6 +78,8 @@ def evaluate(
         model = Path(model)
         if not model.exists():
             raise UserError(f"model {model} does not exist; give the path of a model file or folder")
+        if model.suffix == ".pt":
+            safe_load.check(model)  # Ultralytics' loader below unpickles in full
         if model.is_dir():  # an *_openvino_model/ folder: compiled at the float precision it records
             from pipeline.engines.openvino import honour_recorded_precision
 

@@ -37,6 +37,7 @@ from pipeline.manifest import (
     atomic_write_text,
     now_iso,
 )
+from pipeline.safe_load import trust_from_config
 from stages import spec
 
 log = logging.getLogger("pipeline")
@@ -96,6 +97,9 @@ def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Pa
             record, entry = found
             manifest.verify_artifact(entry)
             return [{**entry, "role": "model", "produced_by": record["run_id"]}]
+        from pipeline.models import check_model_file
+
+        check_model_file(p, f"{stage}.input")  # a file from elsewhere: refused here, before a loader tracebacks
         return [manifest.artifact("model", p)]
     found = manifest.latest_output(row.upstream, prefer_order=row.prefer_order)
     if found is None:
@@ -138,6 +142,7 @@ def _jsonable_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: fix(v) for k, v in metrics.items()}
 
 
+@trust_from_config  # trust_pickle holds for the inputs resolved here and every load the stage makes
 def run_stage(
     cfg: DictConfig,
     stage: str,

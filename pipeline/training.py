@@ -35,6 +35,7 @@ from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils.torch_utils import strip_optimizer, unwrap_model
 
+from pipeline import safe_load
 from pipeline.config import SPARSITY_KINDS
 from pipeline.devices import CoreMeter, resolve_device, threads_kept, use_cores
 from pipeline.errors import UserError
@@ -236,6 +237,7 @@ def _resume_from(last: Path, save_dir: Path) -> Path:
     """The interrupted run's last.pt; its results.csv is copied over, so the log runs on unbroken."""
     if not last.is_file():
         raise UserError(f"resume: {last} does not exist")
+    safe_load.check(last)  # Ultralytics' resume unpickles the checkpoint in full
     old_csv = last.parent.parent / "results.csv"
     if old_csv.exists() and old_csv.resolve() != (save_dir / "results.csv").resolve():
         save_dir.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def _initial_model(cfg: DictConfig, ctx: StageContext, nc: int) -> torch.nn.Modu
     if cfg.train.input:
         src = Path(str(cfg.train.input)).expanduser()
         _record_input(ctx, "model", src)
-        model = load_model(src)
+        model = load_model(src, key="train.input")
         model_nc = len(names_of(model)) or getattr(model, "nc", nc)
         if model_nc == nc:
             return model

@@ -344,6 +344,61 @@ def test_cli_bad_dataset_value_exit_2(tmp_path, override):
     assert proc.returncode == 2 and f"error: {key}=" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# -- files given as a model that are not one: one line, exit 2 -------------------------------------
+
+def junk_onnx(root: Path) -> Path:
+    write(root, {"junk.onnx": np.random.default_rng(0).bytes(2048)})
+    return root / "junk.onnx"
+
+
+def conv_onnx(root: Path) -> Path:
+    """A valid ONNX model of one 3x3 convolution on a 1x1x8x8 input (not an image batch)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "conv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 6, 6])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(root / "conv.onnx"))
+    return root / "conv.onnx"
+
+
+def linear_pt(root: Path) -> Path:
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": torch.nn.Linear(4, 2)}, root / "linear.pt")
+    return root / "linear.pt"
+
+
+NOT_MODELS: list[tuple[str, Callable[[Path], Path], str]] = [
+    ("junk_onnx", junk_onnx, r"is not a readable ONNX model"),
+    ("other_input_onnx", conv_onnx, r"is an ONNX model with input 1x1x8x8 and output 1x1x6x6; expected a YOLO "
+                                    r"detector: one image input N x 3 x H x W"),
+    ("text_file", lambda r: (write(r, {"notes.txt": "not a model\n"}), r / "notes.txt")[1],
+     r"is a text file \(\.txt\); expected a \.pt checkpoint, an \.onnx or \.engine file"),
+    ("empty_folder", lambda r: (r.mkdir(parents=True), r)[1], r"is an empty folder; expected a \.pt checkpoint"),
+    ("linear_pt", linear_pt, r"holds a torch\.nn\.modules\.linear\.Linear, not a YOLO detection model"),
+]
+
+
+@pytest.mark.parametrize("key", ["evaluate.input", "export.input", "infer.input"])
+@pytest.mark.parametrize("case,build,pattern", NOT_MODELS, ids=[c[0] for c in NOT_MODELS])
+def test_cli_refuses_a_file_that_is_not_a_model(tmp_path, key, case, build, pattern):
+    path = build(tmp_path / "src")
+    proc = run_cli(f"stage={key.split('.')[0]}", "experiment=smoke", f"results_dir={tmp_path / 'r'}", f"{key}={path}",
+                   timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {key}={path} "), proc.stderr
+    assert re.search(pattern, errors[0]), errors[0]
+
+
 def test_every_defect_kind_is_covered():
     covered = {k for _, _, expected, _ in FIXED for k in expected}
     covered |= {"swapped_corners", "image_size_mismatch", "split_overlap", "symlinked_folder"}

@@ -63,3 +63,30 @@ def test_the_large_sizes_compose_and_build(name):
         cfg = compose(config_name="config", overrides=[f"model.name={name}"])
     validate(cfg)
     assert count_params(build_model(cfg.model.name, nc=3)) > 20_000_000
+
+
+def _smoke_chain(name: str, results: Path) -> list[dict]:
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("stage=all", "experiment=smoke", f"model.name={name}", "prune.pth=0.6", "control=false",
+                   f"results_dir={results}", timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((results / "manifest.json").read_text())["runs"]
+
+
+FAMILIES = [pytest.param("yolo26n"), pytest.param("yolov5nu"),
+            pytest.param("yolo12n", marks=pytest.mark.slow), pytest.param("yolo11n", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_goes_through_the_whole_chain(name, tmp_path):
+    """Smoke stage=all per family: every stage succeeds, pth 0.6 cuts the model, the engine keeps its mAP."""
+    records = _smoke_chain(name, tmp_path / "results")
+    by = {r["stage"]: r for r in records}
+    assert set(by) == {"kmeans", "train", "evaluate", "prune", "retrain", "export", "engine"}
+    assert all(r["status"] == "succeeded" for r in records), [r.get("error") for r in records]
+    assert by["prune"]["metrics"]["params"] < by["train"]["metrics"]["params"]
+    assert by["retrain"]["metrics"]["params"] == by["prune"]["metrics"]["params"]
+    assert abs(by["engine"]["metrics"]["mAP50_95"] - by["retrain"]["metrics"]["mAP50_95"]) <= 0.01

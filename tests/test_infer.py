@@ -28,6 +28,7 @@ from pipeline.datasets.images import letterbox, read_image
 from pipeline.manifest import Manifest
 from pipeline.predict import Predictor, batch_shapes, scan_folder, unique_keys
 from pipeline.runner import run_stage
+from pipeline.safe_load import trusting
 
 IMGSZ = 128
 RED, BLUE = (220, 30, 30), (30, 40, 220)
@@ -304,7 +305,8 @@ def test_backends_and_batch_sizes_agree(models, source):
     assert len(ref) == len(TRUTH)
     for name, kw in [("pt", {"batch": 3}), ("onnx", {"batch": 1}), ("onnx_fixed", {"batch": 3}),
                      ("openvino", {"batch": 4})]:
-        got = predict_dir(models[name], source, **kw)  # imgsz from each model (128)
+        with trusting([models["pt"]]):  # the oracle is a class of this test module, not an allowlisted one
+            got = predict_dir(models[name], source, **kw)  # imgsz from each model (128)
         assert set(got) == set(ref), name
         for rel in ref:
             # Rectangular batches (dynamic models) and the fixed 128x128 input letterbox differently.
@@ -322,12 +324,13 @@ def test_cpu_threads_default_to_every_core(models, source, monkeypatch):
     monkeypatch.setattr(devices, "TAKEN_CORE", 1e9)  # no other load counts: every (faked) core is free
     before = torch.get_num_threads()
     try:
-        Predictor(models["pt"], device="cpu")
-        assert torch.get_num_threads() == 3
-        one = predict_dir(models["pt"], source, threads=1)
-        assert torch.get_num_threads() == 1
-        three = predict_dir(models["pt"], source)
-        assert torch.get_num_threads() == 3
+        with trusting([models["pt"]]):  # the oracle is a class of this test module, not an allowlisted one
+            Predictor(models["pt"], device="cpu")
+            assert torch.get_num_threads() == 3
+            one = predict_dir(models["pt"], source, threads=1)
+            assert torch.get_num_threads() == 1
+            three = predict_dir(models["pt"], source)
+            assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
     assert set(one) == set(three) == {rel for rel in TRUTH}
@@ -476,7 +479,7 @@ def test_resume_relabels_an_image_replaced_since_the_failed_run(models, tmp_path
 def test_review_band_below_threshold(models, source, tmp_path):
     """With conf 0.5 the 0.4 blue boxes are not written, but their images are still listed for review."""
     record = stage(tmp_path / "r", f"infer.input={models['pt']}", f"infer.source={source}", "infer.conf=0.5",
-                   "infer.formats=[kitti]")
+                   "infer.formats=[kitti]", f"trust_pickle=[{models['pt']}]")
     run_dir = Manifest(tmp_path / "r").abs(record["run_dir"])
     n_red = sum(c == 0 for _, rects in TRUTH.values() for c, *_ in rects)
     assert record["metrics"]["boxes_per_class"] == {"red": n_red, "blue": 0}

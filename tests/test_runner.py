@@ -94,9 +94,9 @@ def test_tampered_input_refused(tmp_path, fake_stages):
         run_stage(cfg, "prune")
 
 
-def test_explicit_input_path(tmp_path, fake_stages):
+def test_explicit_input_path(tmp_path, fake_stages, tiny_model_pt):
     model = tmp_path / "elsewhere.pt"
-    model.write_bytes(b"external")
+    model.write_bytes(tiny_model_pt.read_bytes())  # a real checkpoint: a file from elsewhere is checked as a model
     cfg = make_cfg(tmp_path / "r", f"prune.input={model}")
     rec = run_stage(cfg, "prune")
     assert rec["inputs"][0]["path"] == str(model.resolve())
