@@ -123,6 +123,9 @@ class RetrainConfig(FitConfig):
     qat_epochs: int = 10  # epochs of the QAT phase that follows float recovery
     qat_lr0: float = 0.001  # learning rate of the QAT phase (SGD, no warmup; docs/retrain-qat.md says why)
     calib_batches: int = 8  # training batches used to calibrate quantiser ranges
+    # distil from the unpruned parent (the train run in the lineage) in both phases (Ultralytics' distill_model)
+    distill: bool = True
+    distill_weight: float = 6.0  # weight of the distillation loss (Ultralytics' dis)
 
 
 @dataclass
@@ -295,7 +298,7 @@ _RANGES: dict[type, dict[str, tuple[float, float]]] = {
                 "mosaic": (0.0, 1.0), "close_mosaic": (0, 100000), "nbs": (1, 4096)},
     # Ultralytics cannot train zero epochs; retrain.epochs=0 means "straight to QAT".
     TrainConfig: {"epochs": (1, 100000)},
-    RetrainConfig: {"epochs": (0, 100000), "qat_epochs": (0, 100000), "qat_lr0": (0.0, 10.0),
+    RetrainConfig: {"epochs": (0, 100000), "qat_epochs": (0, 100000), "qat_lr0": (0.0, 10.0), "distill_weight": (0.0, 1000.0),
                     "calib_batches": (1, 100000)},
     EvaluateConfig: {"imgsz": _SIDE, "batch": _BATCH, "conf": (0.0, 1.0), "iou": (0.0, 1.0), "threads": _THREADS},
     PruneConfig: {"pth": (0.0, 1.0), "target_params_ratio": (0.0, 1.0), "granularity": (1, 4096),

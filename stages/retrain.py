@@ -55,7 +55,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     model = load_model(src)
     imgsz = _imgsz(cfg, src)
     args = {k: rc[k] for k in TRAINER_KEYS} | {"imgsz": imgsz, "device": device, "seed": int(cfg.seed),
-                                               "freeze": int(rc.freeze) or None}
+                                               "freeze": int(rc.freeze) or None} | _distillation(rc, ctx)
 
     loaded = _loaded(src, count_params(model), data.data_yaml, args, ctx)
     recovered = _float_recovery(model, data.data_yaml, args, rc, ctx) if rc.epochs > 0 else loaded
@@ -73,6 +73,25 @@ def _check_phases(rc: DictConfig, ctx: StageContext) -> None:
             ctx.warn("retrain.epochs=0: QAT starts from the freshly pruned model, so the quantiser ranges are "
                      "calibrated on a model that does not detect yet; this is known to collapse to mAP 0 "
                      "(docs/retrain-qat.md). Set retrain.epochs > 0 for float recovery first.")
+
+
+def _distillation(rc: DictConfig, ctx: StageContext) -> dict[str, Any]:
+    """Ultralytics' feature distillation from the unpruned parent (a 1x1 projector per Detect input
+    bridges the pruned widths), or nothing: retrain.distill=false, or no train run in the lineage."""
+    if not rc.distill:
+        return {}
+    train = next((r for r in ctx.input_lineage() if r["stage"] == "train"), None)
+    teacher = ctx.manifest.output_of(train) if train is not None else None
+    if teacher is None:
+        ctx.warn("retrain.distill: the input model has no train run in its lineage to distil from; "
+                 "retraining without distillation")
+        return {}
+    from pipeline import safe_load
+
+    safe_load.check(teacher)  # Ultralytics' distillation loads the teacher by path, unpickling in full
+    ctx.extra["distilled_from"] = train["run_id"]
+    ctx.log.info("distilling from the unpruned model %s (dis=%g)", train["run_id"], rc.distill_weight)
+    return {"distill_model": str(teacher), "dis": float(rc.distill_weight)}
 
 
 def _imgsz(cfg: DictConfig, src: Path) -> int:

@@ -258,3 +258,46 @@ def test_retrain_calibration_only_gives_a_qat_checkpoint(pruned, tmp_path):
     assert m["qat"] is True and m["epochs"] == 0 and m["qat_epochs"] == 0 and m["params"] == pruned[1]
     assert set(outputs) == {"model"} and qat.checkpoint_is_qat(outputs["model"])
     assert qat.is_quantised(qat.load(outputs["model"]))
+
+
+@pytest.fixture(scope="module")
+def trained_and_pruned(tmp_path_factory):
+    """A smoke train -> prune lineage: the retrain input has an unpruned parent to distil from."""
+    from conftest import run_cli
+
+    results = tmp_path_factory.mktemp("distill") / "results"
+    for stage in ("stage=train", "stage=prune"):
+        proc = run_cli(stage, "experiment=smoke", "prune.pth=0.6", f"results_dir={results}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return results
+
+
+def _dis_loss(csv_path: Path) -> list[float]:
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open()))
+    return [float(r["train/dis_loss"]) for r in rows if r.get("train/dis_loss") not in (None, "")]
+
+
+def test_distillation_from_the_unpruned_parent_changes_the_loss_and_can_be_switched_off(trained_and_pruned):
+    from conftest import run_cli
+
+    results = trained_and_pruned
+    manifest = Manifest(results)
+    train_id = manifest.succeeded("train")[-1]["run_id"]
+    proc = run_cli("stage=retrain", "experiment=smoke", f"results_dir={results}")  # distill=true by default, + QAT
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    on = manifest.succeeded("retrain")[-1]
+    assert on["distilled_from"] == train_id
+    outputs = {o["role"]: results / o["path"] for o in on["outputs"]}
+    assert any(v > 0 for v in _dis_loss(outputs["float_log"])) and any(v > 0 for v in _dis_loss(outputs["qat_log"]))
+    assert qat.checkpoint_is_qat(outputs["model"])
+    assert count_params(load_model(outputs["model"])) == on["metrics"]["params"]  # the student, not the teacher
+
+    proc = run_cli("stage=retrain", "experiment=smoke", "retrain.distill=false", "retrain.qat=false",
+                   f"results_dir={results}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    off = manifest.succeeded("retrain")[-1]
+    assert "distilled_from" not in off
+    log = results / next(o["path"] for o in off["outputs"] if o["role"] == "float_log")
+    assert not any(_dis_loss(log))
