@@ -38,6 +38,8 @@ HINT = ("install it with `pip install openvino nncf` (both on PyPI and ordinary 
         "package), or choose engine.backend=onnxruntime")
 COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 _NOT_OPS = ("Parameter", "Result", "Constant")
+# The same, as layer types of a compiled (runtime) model.
+_RUNTIME_NOT_OPS = ("Input", "Output", "Const")
 # engine.float_precision -> OpenVINO's INFERENCE_PRECISION_HINT; "auto" leaves the runtime's choice.
 FLOAT_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "auto": None}
 
@@ -265,15 +267,24 @@ def executed_precision(compiled: Any) -> dict[str, Any]:
     """What the CPU plugin actually runs, read from the compiled model's runtime graph (not assumed).
 
     Counts compute layers (convolutions, matmuls) by their runtime precision: any I8/U8 layer makes
-    the model "int8" (the Detect decode stays float by design); otherwise bf16/fp16/fp32.
+    the model "int8" (the Detect decode stays float by design); otherwise bf16/fp16/fp32. Besides,
+    every executed op by precision (`ops_by_precision`: "int8" for i8/u8, else the runtime's name)
+    and the `reorders`, the layout/precision conversions a float island inside an INT8 graph costs.
     """
     counts: Counter[str] = Counter()
+    ops: Counter[str] = Counter()
+    reorders = 0
     for op in compiled.get_runtime_model().get_ops():
         rt = op.get_rt_info()
-        if rt["layerType"].astype(str) in COMPUTE_LAYERS:
-            counts[rt["runtimePrecision"].astype(str)] += 1
+        layer, runtime = rt["layerType"].astype(str), rt["runtimePrecision"].astype(str)
+        if layer in COMPUTE_LAYERS:
+            counts[runtime] += 1
+        if layer in _RUNTIME_NOT_OPS:
+            continue
+        reorders += layer == "Reorder"
+        ops["int8" if runtime in ("i8", "u8") else runtime] += 1
     int8 = counts["i8"] + counts["u8"]
     precision = ("int8" if int8 else "bf16" if counts["bf16"] else "fp16" if counts["f16"] else "fp32")
     return {"executed_precision": precision, "int8_layers": int8, "compute_layers": sum(counts.values()),
-            "runtime_precisions": dict(counts),
+            "runtime_precisions": dict(counts), "ops_by_precision": dict(ops), "reorders": reorders,
             "inference_precision_hint": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
