@@ -122,6 +122,7 @@ def apply(model: Any, residual_add: bool = True) -> dict[str, int]:
     for t in list(groups.parent):
         members[groups.find(t)].append(t)
 
+    run = sum(i.name.endswith("/scale") and i.name.startswith("qdq_rules/") for i in g.initializer)  # unique names
     stats = {"groups": 0, "tensors_requantised": 0, "quantisers_added": 0, "quantisers_removed": 0}
     new_nodes: list[Any] = []
     removed: set[int] = set()
@@ -129,13 +130,13 @@ def apply(model: Any, residual_add: bool = True) -> dict[str, int]:
         qs = [q for t in tensors for q in quantisers.get(t, [])]
         if not qs:
             continue  # no trained scale to share (e.g. a group wholly inside float layers)
-        scales = [float(value(q.input[1])) for q in qs]
-        if len(qs) == 1 and len(tensors) == 1:
-            continue  # already one quantiser on one tensor
+        scale = max(float(value(q.input[1])) for q in qs)
+        if (all(len(quantisers.get(t, [])) == (t not in derived) for t in tensors)
+                and all(float(value(q.input[1])) == scale for q in qs)):
+            continue  # already one pair per tensor, on one scale (e.g. a graph this pass has rewritten)
         stats["groups"] += 1
-        scale = max(scales)
         zp = value(qs[0].input[2]) if len(qs[0].input) > 2 else np.zeros((), np.int8)
-        tag = f"qdq_rules/{stats['groups']}"
+        tag = f"qdq_rules/{run}/{stats['groups']}"
         scale_name, zp_name = f"{tag}/scale", f"{tag}/zero_point"
         g.initializer.append(onnx.numpy_helper.from_array(np.asarray(scale, np.float32), scale_name))
         g.initializer.append(onnx.numpy_helper.from_array(np.asarray(zp).astype(zp.dtype), zp_name))
