@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import qdq_rules
 from pipeline.context import StageContext, StageResult
 from pipeline.engines import onnxruntime as ortb
 from pipeline.engines.common import evaluate_artifact, fit_batch, median_ms, qdq_nodes, real_batch
@@ -107,6 +108,9 @@ def _export(src: Path, workdir: Path, e: Any, imgsz: int, nms: bool) -> Any:
     finally:
         ul_log.setLevel(level)
     proto = onnx.load(str(f))
+    if e.get("qdq_rules", True) and qdq_nodes(proto):
+        # One INT8 scale per Concat/Split/MaxPool/residual-Add group, so runtimes fuse (pipeline.qdq_rules).
+        qdq_rules.apply(proto)
     if e.half:
         # onnxruntime's float16 converter inserts its input casts after their consumers.
         _toposort(proto.graph)
