@@ -38,8 +38,6 @@ HINT = ("install it with `pip install openvino nncf` (both on PyPI and ordinary 
         "package), or choose engine.backend=onnxruntime")
 COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 _NOT_OPS = ("Parameter", "Result", "Constant")
-# The same, as layer types of a compiled (runtime) model.
-_RUNTIME_NOT_OPS = ("Input", "Output", "Const")
 # engine.float_precision -> OpenVINO's INFERENCE_PRECISION_HINT; "auto" leaves the runtime's choice.
 FLOAT_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "auto": None}
 
@@ -268,21 +266,25 @@ def executed_precision(compiled: Any) -> dict[str, Any]:
 
     Counts compute layers (convolutions, matmuls) by their runtime precision: any I8/U8 layer makes
     the model "int8" (the Detect decode stays float by design); otherwise bf16/fp16/fp32. Besides,
-    every executed op by precision (`ops_by_precision`: "int8" for i8/u8, else the runtime's name)
-    and the `reorders`, the layout/precision conversions a float island inside an INT8 graph costs.
+    every op that runs on the input's data by precision (`ops_by_precision`: "int8" for i8/u8, else
+    the runtime's name; ops on constants alone, e.g. the reshapes of INT8 weight scales, are left
+    out) and the `reorders` among them, the conversions a float island inside an INT8 graph costs.
     """
     counts: Counter[str] = Counter()
     ops: Counter[str] = Counter()
+    constant: set[str] = set()
     reorders = 0
-    for op in compiled.get_runtime_model().get_ops():
+    for op in compiled.get_runtime_model().get_ordered_ops():
         rt = op.get_rt_info()
         layer, runtime = rt["layerType"].astype(str), rt["runtimePrecision"].astype(str)
         if layer in COMPUTE_LAYERS:
             counts[runtime] += 1
-        if layer in _RUNTIME_NOT_OPS:
-            continue
-        reorders += layer == "Reorder"
-        ops["int8" if runtime in ("i8", "u8") else runtime] += 1
+        sources = [i.get_source_output().get_node().get_friendly_name() for i in op.inputs()]
+        if layer == "Const" or (sources and all(s in constant for s in sources)):
+            constant.add(op.get_friendly_name())
+        elif layer not in ("Input", "Output"):
+            reorders += layer == "Reorder"
+            ops["int8" if runtime in ("i8", "u8") else runtime] += 1
     int8 = counts["i8"] + counts["u8"]
     precision = ("int8" if int8 else "bf16" if counts["bf16"] else "fp16" if counts["f16"] else "fp32")
     return {"executed_precision": precision, "int8_layers": int8, "compute_layers": sum(counts.values()),
