@@ -7,7 +7,7 @@ the newest retrain run's models, on OpenVINO (the default CPU engine, 7-bit weig
 both QDQ rows as the engine stage builds them):
 
   (a) the QAT QDQ ONNX as ModelOpt's default placement exports it
-  (b) the same ONNX after pipeline.qdq_rules.apply
+  (b) the same ONNX after pipeline.qdq_rules.apply (b': with residual_add=False)
   (c) the pruned float model quantised by NNCF PTQ (the no-QAT reference)
 
 timed in ONE process, batch 1, interleaved blocks (bench/cpu_engines.py's helpers), with the ops
@@ -38,15 +38,18 @@ def build(models: dict[str, Any], imgsz: int, work: Path, calib_images: int) -> 
     log = SimpleNamespace(info=lambda *a: print(a[0] % a[1:]))
     ours = dict(format="onnx", imgsz=imgsz, opset=17, dynamic=True, simplify=True)  # stage=export's defaults
     qdq = ce.ultralytics_export(models["qat"], work / "q_onnx", **ours)
-    ruled = work / "q_rules.onnx"
-    proto = onnx.load(str(qdq))
-    print("qdq_rules:", qdq_rules.apply(proto))
-    onnx.save(proto, str(ruled))
+    ruled = {}
+    for add in (True, False):
+        proto = onnx.load(str(qdq))
+        print(f"qdq_rules (residual_add={add}):", qdq_rules.apply(proto, residual_add=add))
+        ruled[add] = work / f"q_rules_{add}.onnx"
+        onnx.save(proto, str(ruled[add]))
     pruned = ce.ultralytics_export(models["float"], work / "p_onnx", **ours)
     calib = CalibrationSet(pick(split_images(models["data"], "train"), calib_images), (imgsz, imgsz), 8, "train split")
     rows = [
         {"name": "(a) QAT QDQ, default placement", "src": qdq, "qdq": True},
-        {"name": "(b) QAT QDQ + qdq_rules", "src": ruled, "qdq": True},
+        {"name": "(b) QAT QDQ + qdq_rules", "src": ruled[True], "qdq": True},
+        {"name": "(b') qdq_rules, Add inputs float", "src": ruled[False], "qdq": True},
         {"name": "(c) pruned float, NNCF PTQ", "src": pruned, "qdq": False},
     ]
     for i, row in enumerate(rows):
@@ -70,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     models = ce.chain_models(args.results)
     report: dict[str, Any] = {"results_dir": str(args.results), "threads": args.threads, "batch": 1,
-                              "cpu_model": ce.cpu_model(), "retrain_run": models["retrain_run"], "sizes": {}}
+                              "retrain_run": models["retrain_run"], "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="bench-qdq-rules-") as tmp:
         for imgsz in args.imgsz:
             rows = build(models, imgsz, Path(tmp) / str(imgsz), args.calib_images)
