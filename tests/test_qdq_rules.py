@@ -145,3 +145,22 @@ def test_apply_is_idempotent(exported):
     again = copy.deepcopy(exported[1])
     stats = qdq_rules.apply(again)
     assert stats["quantisers_added"] == 0 and stats["quantisers_removed"] == 0
+
+
+def test_openvino_runs_fewer_float_ops_with_the_rules(exported, tmp_path):
+    """Read back from the compiled model (executed_precision): the float islands the rules remove."""
+    ov = pytest.importorskip("openvino")
+    from pipeline.engines import openvino as ovb
+
+    counts = []
+    for i, model in enumerate(exported):
+        path = tmp_path / f"{i}.onnx"
+        onnx.save(model, str(path))
+        ir = tmp_path / f"{i}.xml"
+        ov.save_model(ov.convert_model(str(path)), str(ir))
+        executed = ovb.executed_precision(ovb.compile_static(ir, (1, 3, IMGSZ, IMGSZ), 1, "f32"))
+        assert executed["executed_precision"] == "int8" and executed["inference_precision_hint"] == "f32"
+        assert executed["reorders"] >= 0 and executed["ops_by_precision"]["int8"] > 0
+        counts.append(executed["ops_by_precision"])
+    default, ruled = counts
+    assert ruled["f32"] < default["f32"] and ruled["int8"] >= default["int8"]
