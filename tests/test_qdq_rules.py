@@ -164,3 +164,16 @@ def test_openvino_runs_fewer_float_ops_with_the_rules(exported, tmp_path):
         counts.append(executed["ops_by_precision"])
     default, ruled = counts
     assert ruled["f32"] < default["f32"] and ruled["int8"] >= default["int8"]
+
+
+def test_float_graph_is_left_alone(tiny_model_pt, tmp_path):
+    import shutil
+
+    from ultralytics import YOLO
+
+    pt = tmp_path / "float.pt"
+    shutil.copyfile(tiny_model_pt, pt)
+    model = onnx.load(YOLO(str(pt), task="detect").export(format="onnx", imgsz=IMGSZ, device="cpu", verbose=False))
+    before = model.SerializeToString()
+    assert qdq_rules.apply(model) == {"groups": 0, "quantisers_added": 0, "quantisers_removed": 0}
+    assert model.SerializeToString() == before
