@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import qdq_rules
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
 from pipeline.engines import onnxruntime as ortb
@@ -54,10 +55,17 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     out = ctx.run_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=ctx.run_dir, prefix=".export-") as tmp:
         proto = _export(src, Path(tmp) / "main", e, imgsz, nms=bool(e.nms))
+        plain = copy.deepcopy(proto) if qat and e.get("qdq_rules", True) else proto
+        # One INT8 scale per Concat/Split/MaxPool/residual-Add group, so runtimes fuse (pipeline.qdq_rules).
+        rules = qdq_rules.apply(proto) if plain is not proto else None
         atomic_write_bytes(out, proto.SerializeToString())
         # With NMS inside, outputs are post-NMS detections; parity is checked on the same network
-        # exported without it (the NMS part is proven by the mAP of the real artifact below).
+        # exported without it (the NMS part is proven by the mAP of the real artifact below). It
+        # is also checked before the placement rules, which re-scale on purpose (mAP covers them).
         parity_path = out
+        if plain is not proto and not e.nms:
+            parity_path = Path(tmp) / "plain.onnx"
+            atomic_write_bytes(parity_path, plain.SerializeToString())
         if e.nms:
             parity_path = Path(tmp) / "raw.onnx"
             atomic_write_bytes(parity_path, _export(src, Path(tmp) / "raw", e, imgsz, nms=False).SerializeToString())
@@ -70,6 +78,8 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         "qdq_nodes": qdq_nodes(proto), "qat": qat, "opset": int(e.opset), "imgsz": imgsz,
         "dynamic": bool(e.dynamic), "half": bool(e.half), "nms": bool(e.nms),
     }
+    if rules is not None:
+        metrics.update(qdq_rules=rules, parity_scope=f"{metrics['parity_scope']}, before the QDQ placement rules")
     if not (e.half or qat) and diff > FP32_TOLERANCE:
         ctx.warn(f"ONNX Runtime and PyTorch outputs differ by up to {diff:.3g} (> {FP32_TOLERANCE}) on real images")
     if qat and rel > QAT_TOLERANCE:

@@ -91,6 +91,7 @@ def test_qat_export_keeps_qdq(qat_export):
     assert m["qdq_nodes"] == sum(n.op_type in ("QuantizeLinear", "DequantizeLinear")
                                  for n in onnx.load(str(_onnx_of(results, record))).graph.node)
     assert m["max_abs_diff"] < 1e-2  # fake-quant in PyTorch vs QDQ in ONNX Runtime
+    assert m["qdq_rules"]["groups"] > 0 and m["parity_scope"].endswith("before the QDQ placement rules")
     assert m["imgsz"] == IMGSZ  # taken from the checkpoint's training size
 
 

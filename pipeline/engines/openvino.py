@@ -265,15 +265,28 @@ def executed_precision(compiled: Any) -> dict[str, Any]:
     """What the CPU plugin actually runs, read from the compiled model's runtime graph (not assumed).
 
     Counts compute layers (convolutions, matmuls) by their runtime precision: any I8/U8 layer makes
-    the model "int8" (the Detect decode stays float by design); otherwise bf16/fp16/fp32.
+    the model "int8" (the Detect decode stays float by design); otherwise bf16/fp16/fp32. Besides,
+    every op that runs on the input's data by precision (`ops_by_precision`: "int8" for i8/u8, else
+    the runtime's name; ops on constants alone, e.g. the reshapes of INT8 weight scales, are left
+    out) and the `reorders` among them, the conversions a float island inside an INT8 graph costs.
     """
     counts: Counter[str] = Counter()
-    for op in compiled.get_runtime_model().get_ops():
+    ops: Counter[str] = Counter()
+    constant: set[str] = set()
+    reorders = 0
+    for op in compiled.get_runtime_model().get_ordered_ops():
         rt = op.get_rt_info()
-        if rt["layerType"].astype(str) in COMPUTE_LAYERS:
-            counts[rt["runtimePrecision"].astype(str)] += 1
+        layer, runtime = rt["layerType"].astype(str), rt["runtimePrecision"].astype(str)
+        if layer in COMPUTE_LAYERS:
+            counts[runtime] += 1
+        sources = [i.get_source_output().get_node().get_friendly_name() for i in op.inputs()]
+        if layer == "Const" or (sources and all(s in constant for s in sources)):
+            constant.add(op.get_friendly_name())
+        elif layer not in ("Input", "Output"):
+            reorders += layer == "Reorder"
+            ops["int8" if runtime in ("i8", "u8") else runtime] += 1
     int8 = counts["i8"] + counts["u8"]
     precision = ("int8" if int8 else "bf16" if counts["bf16"] else "fp16" if counts["f16"] else "fp32")
     return {"executed_precision": precision, "int8_layers": int8, "compute_layers": sum(counts.values()),
-            "runtime_precisions": dict(counts),
+            "runtime_precisions": dict(counts), "ops_by_precision": dict(ops), "reorders": reorders,
             "inference_precision_hint": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
