@@ -169,6 +169,8 @@ class ExportConfig:
     dynamic: bool = True  # dynamic batch axis
     batch: int = 1  # fixed batch when dynamic=false
     half: bool = False  # FP16 weights
+    # QAT models: one INT8 scale per tensor group (Concat/Split/MaxPool/Resize, residual Add inputs)
+    qdq_rules: bool = True  # QAT exports: QDQ placement rules so the INT8 graph fuses (docs/deploy.md)
     simplify: bool = True  # onnxslim graph simplification
     nms: bool = False  # put NMS inside the graph (standard ONNX NonMaxSuppression)
     nms_conf: float = 0.25  # with nms: confidence threshold baked into the graph

@@ -55,7 +55,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     out = ctx.run_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=ctx.run_dir, prefix=".export-") as tmp:
         proto = _export(src, Path(tmp) / "main", e, imgsz, nms=bool(e.nms))
-        plain = copy.deepcopy(proto) if qat and e.get("qdq_rules", True) else proto
+        plain = copy.deepcopy(proto) if qat and e.qdq_rules else proto
         # One INT8 scale per Concat/Split/MaxPool/residual-Add group, so runtimes fuse (pipeline.qdq_rules).
         rules = qdq_rules.apply(proto) if plain is not proto else None
         atomic_write_bytes(out, proto.SerializeToString())
