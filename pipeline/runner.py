@@ -130,7 +130,7 @@ def _unfinished_run_note(manifest: Manifest, path: Path, named: str) -> str | No
     target = path.resolve()
     for record in reversed(manifest.runs()):
         run_dir = record.get("run_dir")
-        if record["status"] == SUCCEEDED or not isinstance(run_dir, str):
+        if record["status"] == SUCCEEDED or not (isinstance(run_dir, str) and run_dir):
             continue
         if target.is_relative_to(manifest.abs(run_dir).resolve()):
             how = "is still running" if record["status"] == RUNNING else f"failed ({record.get('error') or 'no error'})"

@@ -163,7 +163,8 @@ class CalibrationSet:
             yield img
         if not any_read:
             raise UserError(f"none of the {len(self.paths)} calibration images from {self.source} could be read "
-                            f"({', '.join(p.name for p in self.paths[:3])} ...); give readable images")
+                            f"({', '.join(p.name for p in self.paths[:3])} ...); set engine.calib_dir to a folder of "
+                            "readable images")
 
     def batches(self) -> Iterator[np.ndarray]:
         chunk: list[np.ndarray] = []
