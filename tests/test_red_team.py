@@ -349,6 +349,10 @@ def unreadable_calibration(kind, tmp_path, float_export, tiny_data_yaml):  # noq
     assert record["metrics"]["calib_images"] == 3  # what calibration read, not the 5 files it was given
     note = warned(record, "INT8 calibration skipped 2 of 5 images that could not be read", "it used 3")
     assert "bad0.jpg" in note and "bad1.jpg" in note
+    from pipeline.engines.common import CalibrationSet
+
+    none_readable = CalibrationSet(sorted(folder.glob("bad*.jpg")), (IMGSZ, IMGSZ), 2, str(folder))
+    refused(lambda: list(none_readable.batches()), "none of the 2 calibration images", "engine.calib_dir")
 
 
 @case("export after an interrupted retrain")
