@@ -47,7 +47,8 @@ def _task(cfg: DictConfig) -> None:
     except (OSError, MemoryError, RuntimeError) as exc:
         # Out of disk or memory outside a stage's own run (e.g. writing the manifest): still the
         # user's to fix. Anything else is a bug and keeps its traceback.
-        clear = resource_error(exc, str(cfg.get("stage", "?")), str(cfg.get("results_dir", "?")), None, None)
+        stage = cfg.get("stage", "?")  # the name as typed (`kmeans`), not the enum's repr
+        clear = resource_error(exc, str(getattr(stage, "value", stage)), str(cfg.get("results_dir", "?")), None, None)
         if clear is None:
             raise
         print(f"error: {clear}", file=sys.stderr)

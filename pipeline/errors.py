@@ -23,8 +23,12 @@ _DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
-def resource_error(exc: BaseException, stage: str, results_dir: str, batch: int | None, imgsz: int | None) -> UserError | None:
+def resource_error(exc: BaseException, stage: str, results_dir: str, batch: int | None, imgsz: int | None,
+                   recorded: bool = False) -> UserError | None:
     """A clear UserError for running out of disk or memory, or None when `exc` is neither.
+
+    `recorded`: the run's failure record was written (the message says so only then; a full disk
+    can refuse that write too).
 
     Disk full: an OSError with ENOSPC/EDQUOT anywhere in the exception chain (Ultralytics and
     torch.save re-raise them wrapped). Out of memory: torch.OutOfMemoryError (CUDA), MemoryError,
@@ -36,9 +40,10 @@ def resource_error(exc: BaseException, stage: str, results_dir: str, batch: int 
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
             where = f" writing {e.filename}" if e.filename else ""
+            record = "the run is recorded as failed; " if recorded else ""
             return UserError(f"disk full{where} during stage={stage}: free space on the disk of "
                              f"results_dir={results_dir} or choose another results_dir, then rerun "
-                             "(the failed run is recorded; nothing half-written is registered)")
+                             f"({record}nothing half-written is registered)")
         text = str(e).lower()
         if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in text for m in _OOM_MARKERS)):
             knobs = " and ".join(f"{stage}.{k}={v}" for k, v in (("batch", batch), ("imgsz", imgsz)) if v)

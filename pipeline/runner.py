@@ -80,8 +80,13 @@ def config_hash(cfg: DictConfig, stage: str, inputs: list[Artifact]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Path | None = None) -> list[Artifact]:
-    """The stage's model input: `explicit`, else `<stage>.input`, else the newest upstream output."""
+def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Path | None = None,
+                   warnings: list[str] | None = None) -> list[Artifact]:
+    """The stage's model input: `explicit`, else `<stage>.input`, else the newest upstream output.
+
+    What the user should know about the input (it comes from a run that did not succeed) is
+    appended to `warnings`, for the run's record.
+    """
     row = spec(stage)
     if not row.upstream:
         return []
@@ -100,6 +105,9 @@ def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Pa
         from pipeline.models import check_model_file
 
         check_model_file(p, f"{stage}.input")  # a file from elsewhere: refused here, before a loader tracebacks
+        note = _unfinished_run_note(manifest, p, f"{stage}.input={user_path}")
+        if note is not None and warnings is not None:
+            warnings.append(note)
         return [manifest.artifact("model", p)]
     found = manifest.latest_output(row.upstream, prefer_order=row.prefer_order)
     if found is None:
@@ -110,6 +118,25 @@ def resolve_inputs(cfg: DictConfig, stage: str, manifest: Manifest, explicit: Pa
     record, entry = found
     manifest.verify_artifact(entry)
     return [{**entry, "produced_by": record["run_id"]}]
+
+
+def _unfinished_run_note(manifest: Manifest, path: Path, named: str) -> str | None:
+    """A warning when `path` lies in the run folder of a run that failed or is still running.
+
+    Such a file (a killed train's best.pt) is used, as Ultralytics uses any checkpoint it is given:
+    stopping a run early and keeping its best epoch is a common choice. But it is not a finished
+    result, so the record says where it came from.
+    """
+    target = path.resolve()
+    for record in reversed(manifest.runs()):
+        run_dir = record.get("run_dir")
+        if record["status"] == SUCCEEDED or not (isinstance(run_dir, str) and run_dir):
+            continue
+        if target.is_relative_to(manifest.abs(run_dir).resolve()):
+            how = "is still running" if record["status"] == RUNNING else f"failed ({record.get('error') or 'no error'})"
+            return (f"{named} comes from run {record['run_id']}, which {how}: it holds what that run last saved, "
+                    "not a finished result")
+    return None
 
 
 def _reusable(manifest: Manifest, stage: str, chash: str) -> Record | None:
@@ -153,7 +180,8 @@ def run_stage(
     """Run `stage` and record it; return its manifest record (an existing one when reused)."""
     manifest = Manifest(cfg.results_dir)
     module = importlib.import_module(spec(stage).module)
-    inputs = resolve_inputs(cfg, stage, manifest, explicit_input)
+    notes: list[str] = []
+    inputs = resolve_inputs(cfg, stage, manifest, explicit_input, notes)
     chash = config_hash(cfg, stage, inputs)
 
     lock = None
@@ -169,17 +197,17 @@ def run_stage(
             if existing is not None:
                 log.info("[%s] reusing %s (same config_hash; force=true redoes it)", stage, existing["run_id"])
                 return existing
-        return _execute(cfg, stage, module, manifest, inputs, chash, overrides or [])
+        return _execute(cfg, stage, module, manifest, inputs, chash, overrides or [], notes)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _resource_error(exc: BaseException, cfg: DictConfig, stage: str) -> UserError | None:
+def _resource_error(exc: BaseException, cfg: DictConfig, stage: str, recorded: bool) -> UserError | None:
     section = cfg.get(stage) if stage in cfg else None
     batch = section.get("batch") if isinstance(section, DictConfig) else None
     imgsz = section.get("imgsz") if isinstance(section, DictConfig) else None
-    return resource_error(exc, stage, str(cfg.results_dir), batch, imgsz)
+    return resource_error(exc, stage, str(cfg.results_dir), batch, imgsz, recorded=recorded)
 
 
 @contextmanager
@@ -203,7 +231,7 @@ def _heartbeat(manifest: Manifest, run_id: str) -> Iterator[None]:
         thread.join()
 
 
-def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -> Record:
+def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides, notes: list[str]) -> Record:
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     run_id = f"{stage}-{stamp}-{secrets.token_hex(2)}"
     run_dir = manifest.root / stage / run_id
@@ -226,6 +254,8 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
     manifest.add(record)
     ctx = StageContext(cfg=cfg, stage=stage, run_id=run_id, run_dir=run_dir, manifest=manifest,
                        log=logging.getLogger(f"pipeline.{stage}"), inputs=inputs)
+    for note in notes:
+        ctx.warn(note)
     t0 = time.perf_counter()
     log.info("[%s] run %s -> %s", stage, run_id, run_dir)
     try:
@@ -241,7 +271,9 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
         log.info("[%s] succeeded in %.1f s", stage, fields["seconds"])
         return done
     except BaseException as exc:
-        clear = None if isinstance(exc, UserError) else _resource_error(exc, cfg, stage)
+        # The message stored in the failure record may say it is recorded; if that write fails, the
+        # message raised says nothing of a record.
+        clear = None if isinstance(exc, UserError) else _resource_error(exc, cfg, stage, recorded=True)
         if isinstance(exc, KeyboardInterrupt):
             message = "interrupted (KeyboardInterrupt)"
         elif isinstance(exc, UserError) or clear is not None:
@@ -256,6 +288,8 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides) -
             # content (atomic writes) and the record stays "running" with our pid, which the next
             # reader marks failed ("interrupted") once this process is gone.
             log.error("[%s] could not record the failure: %s", stage, write_exc)
+            if clear is not None:
+                clear = _resource_error(exc, cfg, stage, recorded=False)
         if clear is not None:
             raise clear from exc
         raise

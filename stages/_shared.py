@@ -20,16 +20,26 @@ from pipeline.evaluation import evaluate
 from pipeline.imgsz import side
 
 
+def calib_dir_images(cfg: Any) -> list[Path] | None:
+    """The images of engine.calib_dir (None when it is not set); refuses a folder that is not one or holds none."""
+    e = cfg.engine
+    if not e.calib_dir:
+        return None
+    folder = Path(str(e.calib_dir)).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"engine.calib_dir={e.calib_dir} is not a folder; give a folder of calibration images")
+    paths = folder_images(folder)
+    if not paths:
+        raise UserError(f"engine.calib_dir={e.calib_dir} holds no images ({', '.join(sorted(ULTRALYTICS_SUFFIXES))})")
+    return paths
+
+
 def calibration_set(cfg: Any, ctx: StageContext, imgsz: tuple[int, int]) -> CalibrationSet:
     """engine.calib_dir, else the training split: never random data (TAO's silent fallback)."""
     e = cfg.engine
-    if e.calib_dir:
-        folder = Path(str(e.calib_dir)).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"engine.calib_dir={e.calib_dir} is not a folder; give a folder of calibration images")
-        paths, source = folder_images(folder), str(folder)
-        if not paths:
-            raise UserError(f"engine.calib_dir={e.calib_dir} holds no images ({', '.join(sorted(ULTRALYTICS_SUFFIXES))})")
+    folder_paths = calib_dir_images(cfg)
+    if folder_paths is not None:
+        paths, source = folder_paths, str(Path(str(e.calib_dir)).expanduser())
     else:
         data_yaml = ctx.dataset().data_yaml
         paths, source = split_images(data_yaml, "train"), f"train split of {data_yaml}"
@@ -41,6 +51,15 @@ def calibration_set(cfg: Any, ctx: StageContext, imgsz: tuple[int, int]) -> Cali
                  "a few hundred give steadier ranges")
     ctx.log.info("INT8 calibration: %d images from %s", len(chosen), source)
     return CalibrationSet(chosen, imgsz, int(e.calib_batch), source)
+
+
+def calibration_record(ctx: StageContext, calib: CalibrationSet) -> dict[str, Any]:
+    """What calibration used, for the record; unreadable files it skipped become a warning."""
+    if calib.dropped:
+        names = ", ".join(p.name for p in calib.dropped[:3]) + (" ..." if len(calib.dropped) > 3 else "")
+        ctx.warn(f"INT8 calibration skipped {len(calib.dropped)} of {len(calib)} images that could not be read "
+                 f"({names}); it used {calib.used}")
+    return {"calib_images": calib.used, "calib_source": calib.source}
 
 
 def real_batch(ctx: StageContext, imgsz: tuple[int, int], n: int = 8, split: str = "val") -> np.ndarray:

@@ -30,7 +30,14 @@ from pipeline.engines.common import (
 from pipeline.errors import UserError
 from pipeline.imgsz import hw, imgsz_of
 from pipeline.models import size_mb
-from stages._shared import calibration_set, evaluate_artifact, real_batch, source_metrics
+from stages._shared import (
+    calib_dir_images,
+    calibration_record,
+    calibration_set,
+    evaluate_artifact,
+    real_batch,
+    source_metrics,
+)
 
 PARITY_IMAGES = 8  # validation images the engine is compared with its source ONNX on
 QDQ_TOLERANCE = 0.01  # mean relative difference a QDQ model may show between two INT8 runtimes
@@ -58,6 +65,11 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         ctx.warn(f"the input is a QAT model (QDQ ONNX): it runs as INT8 with its trained scales; "
                  f"engine.precision={e.precision} does not apply")
     precision = "int8" if qdq else str(e.precision)
+    # calibration_set checks engine.calib_dir when it calibrates; when nothing calibrates, a set
+    # calib_dir is still checked (a wrong path is a mistake worth stopping for) and said to be unused.
+    if (qdq or precision != "int8") and calib_dir_images(cfg) is not None:
+        unused = "a QAT model (QDQ ONNX) runs with its trained scales" if qdq else f"engine.precision={precision}"
+        ctx.warn(f"engine.calib_dir={e.calib_dir} is not used: {unused}, no calibration")
     require_backend(backend, int8_ptq=precision == "int8" and not qdq)
     calib = calibration_set(cfg, ctx, imgsz) if precision == "int8" and not qdq else None
 
@@ -70,7 +82,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         "size_mb": size_mb(outputs[0][1]), **metrics,
     }
     if calib is not None:
-        metrics.update(calib_images=len(calib), calib_source=calib.source)
+        metrics.update(calibration_record(ctx, calib))
     executed = metrics.get("executed_precision")
     if executed and executed != precision:
         hint = (" (it runs a QAT model's QDQ pairs as float fake-quantisation, no faster than FP32; "

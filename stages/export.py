@@ -25,8 +25,9 @@ from pipeline.engines import onnxruntime as ortb
 from pipeline.engines.common import fill_batch, median_ms, qdq_nodes
 from pipeline.errors import UserError
 from pipeline.imgsz import imgsz_of, side
-from pipeline.manifest import atomic_write_bytes
+from pipeline.manifest import RUNNING, SUCCEEDED, atomic_write_bytes
 from pipeline.models import load_checkpoint, load_model, model_figures, size_mb
+from stages import spec
 from stages._shared import evaluate_artifact, real_batch
 
 PARITY_IMAGES = 8  # validation images in the parity batch
@@ -43,6 +44,9 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if src.suffix != ".pt":
         raise UserError(f"export.input={src} is not a PyTorch checkpoint (.pt); export takes the output of "
                         "train, prune or retrain")
+    note = _fallback_note(cfg, ctx)
+    if note is not None:
+        ctx.warn(note)
     ckpt = load_checkpoint(src)
     qat = bool(ckpt.get("modelopt"))
     if qat and e.half:
@@ -98,6 +102,27 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     ctx.log.info("export: %s (%.2f MB, %d QDQ nodes, max |ORT - PyTorch| = %.3g, %.2f ms batch %d on %d threads)",
                  out.name, metrics["size_mb"], metrics["qdq_nodes"], diff, metrics["latency_ms"], len(x), threads)
     return StageResult(outputs=[("model", out)], metrics=metrics)
+
+
+def _fallback_note(cfg: Any, ctx: StageContext) -> str | None:
+    """A note when export fell back past a stage it prefers: the newest such run on this model failed or runs.
+
+    Export takes the newest retrain, else prune, else train output; after an interrupted retrain
+    that is the prune model, which the user most likely did not mean to ship without knowing.
+    """
+    record = ctx.input_record()
+    upstream = spec("export").upstream
+    if cfg.export.input or record is None or record["stage"] not in upstream:
+        return None
+    preferred = upstream[: upstream.index(record["stage"])]
+    runs = ctx.manifest.runs()
+    newest = next((r for r in reversed(runs) if r["stage"] in preferred
+                   and any(a["run_id"] == record["run_id"] for a in ctx.manifest.lineage(r, runs)[1:])), None)
+    if newest is None or newest["status"] == SUCCEEDED:
+        return None
+    how = "is still running" if newest["status"] == RUNNING else f"failed ({newest.get('error') or 'no error'})"
+    return (f"the newest {newest['stage']} run of this model, {newest['run_id']}, {how}: exporting the "
+            f"{record['stage']} output of {record['run_id']} instead (set export.input to choose the model)")
 
 
 def _export(src: Path, workdir: Path, e: Any, imgsz: int, nms: bool) -> Any:

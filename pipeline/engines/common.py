@@ -15,7 +15,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,16 +138,47 @@ def load_batch(paths: Iterable[Path], imgsz: tuple[int, int]) -> np.ndarray:
 
 @dataclass
 class CalibrationSet:
-    """Real images for INT8 calibration, loaded lazily in batches."""
+    """Real images for INT8 calibration, loaded lazily, one by one or in batches.
+
+    A file that cannot be read is skipped and kept in `dropped`, so that the record counts the
+    images calibration really used (`used`, known once the images have been read).
+    """
 
     paths: list[Path]
     imgsz: tuple[int, int]
     batch: int
     source: str  # what the images are, for the record: "train split of <data.yaml>" or the folder
+    dropped: list[Path] = field(default_factory=list)
+
+    def images(self) -> Iterator[np.ndarray]:
+        """Each readable image as the network sees it (CHW); raises a UserError when none is readable."""
+        any_read = False
+        for p in self.paths:
+            img = network_input(p, self.imgsz)
+            if img is None:
+                if p not in self.dropped:  # calibrators may read the set more than once
+                    self.dropped.append(p)
+                continue
+            any_read = True
+            yield img
+        if not any_read:
+            raise UserError(f"none of the {len(self.paths)} calibration images from {self.source} could be read "
+                            f"({', '.join(p.name for p in self.paths[:3])} ...); set engine.calib_dir to a folder of "
+                            "readable images")
 
     def batches(self) -> Iterator[np.ndarray]:
-        for i in range(0, len(self.paths), self.batch):
-            yield load_batch(self.paths[i : i + self.batch], self.imgsz)
+        chunk: list[np.ndarray] = []
+        for img in self.images():
+            chunk.append(img)
+            if len(chunk) == self.batch:
+                yield np.stack(chunk)
+                chunk = []
+        if chunk:
+            yield np.stack(chunk)
+
+    @property
+    def used(self) -> int:
+        return len(self.paths) - len(self.dropped)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.common import CalibrationSet, decode_layer, keep_float, network_input
+from pipeline.engines.common import CalibrationSet, decode_layer, keep_float
 from pipeline.errors import require
 from pipeline.manifest import atomic_write_text
 
@@ -69,10 +69,8 @@ class _Images:
         self.calib = calib
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for p in self.calib.paths:
-            img = network_input(p, self.calib.imgsz)
-            if img is not None:
-                yield img[None]
+        for img in self.calib.images():
+            yield img[None]
 
 
 def build(src: Path, out_dir: Path, precision: str, qdq: bool, calib: CalibrationSet | None,
