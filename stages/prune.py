@@ -167,8 +167,10 @@ def _latency_plan(cfg: DictConfig, ctx: StageContext, pruner: ChannelPruner, img
                  len(table.entries), table.measured, time.perf_counter() - t0, overhead)
     sel = latency.select(pruner, grids, imgsz, float(pc.target_latency_ratio), **rule, overhead_ms=overhead)
     if sel.predicted_after_ms > sel.budget_ms:
-        ctx.warn(f"prune.target_latency_ratio={pc.target_latency_ratio}: every group is at its floor "
-                 f"(min_filters={pc.min_filters}) at a predicted ratio of {sel.predicted_ratio:.3f}")
+        ctx.warn(f"prune.target_latency_ratio={pc.target_latency_ratio} is out of reach: the predicted ratio stops at "
+                 f"{sel.predicted_ratio:.3f}, where every group is at its floor (prune.min_filters={pc.min_filters}) "
+                 "or no channel block left lowers the predicted latency (small convs cost the backend's fixed "
+                 "per-call time, whatever their width)")
     return sel.plan, {
         "target_latency_ratio": float(pc.target_latency_ratio),
         "latency_backend": backend,
