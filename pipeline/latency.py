@@ -209,11 +209,17 @@ class LatencyTable:
         atomic_write_text(self.path, json.dumps({**self.meta, "entries": entries}, indent=1) + "\n")
 
 
-def channel_levels(width: int, granularity: int, min_filters: int, levels: int = GRID_LEVELS) -> list[int]:
-    """Up to `levels` channel counts a plan can give a side of `width` channels, lowest and full included."""
-    floor = min(min_filters, width)  # keep_count's floor, rounded up to granularity, capped at the width
+def floor_channels(width: int, granularity: int, min_filters: int) -> int:
+    """The fewest channels a group keeps: keep_count's floor, min(min_filters, width) rounded up, capped."""
+    floor = min(min_filters, width)
     if floor % granularity:
         floor = min(floor + granularity - floor % granularity, width)
+    return floor
+
+
+def channel_levels(width: int, granularity: int, min_filters: int, levels: int = GRID_LEVELS) -> list[int]:
+    """Up to `levels` channel counts a plan can give a side of `width` channels, lowest and full included."""
+    floor = floor_channels(width, granularity, min_filters)
     choices = sorted({*range(floor, width + 1, granularity), width})
     if len(choices) <= levels:
         return choices
@@ -304,7 +310,7 @@ class _GroupState:
         self.order = np.argsort(-group.scores, kind="stable")  # highest first: the tail leaves first
         self.kept = group.width
         self.granularity = granularity
-        self.floor = channel_levels(group.width, granularity, min_filters, levels=1)[0]
+        self.floor = floor_channels(group.width, granularity, min_filters)
         sorted_scores = group.scores[self.order]
         self.tail_importance = np.concatenate([np.cumsum(sorted_scores[::-1])[::-1], [0.0]])  # sum of scores[k:]
         # channels each conv loses when only the top k are kept, for every k

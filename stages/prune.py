@@ -125,8 +125,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
             ctx.warn(f"prune.target_params_ratio={pc.target_params_ratio}: the closest reachable kept_params_ratio "
                      f"is {kept_params:.3f} (pth {pth:.4f}); granularity={pc.granularity} and "
                      f"min_filters={pc.min_filters} set the steps and the floor")
-    if pc.mode == "latency":
-        assert unpruned is not None
+    if unpruned is not None:  # latency mode
         lat.update(_measured_latency(unpruned, model, imgsz, lat["latency_backend"], lat["latency_threads"],
                                      int(pc.latency_runs)))
         metrics.update(lat)

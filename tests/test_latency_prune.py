@@ -180,7 +180,7 @@ def test_greedy_stops_at_floors_when_budget_is_out_of_reach(v8n):
     sel = latency.select(pruner, grids, IMGSZ, 0.01, granularity=8, min_filters=16, overhead_ms=overhead)
     assert sel.predicted_after_ms > sel.budget_ms and sel.steps > 0
     for g in pruner.prunable:  # every group at its floor
-        assert g.width - len(sel.plan.get(g.root, [])) == latency.channel_levels(g.width, 8, 16, levels=1)[0]
+        assert g.width - len(sel.plan.get(g.root, [])) == latency.floor_channels(g.width, 8, 16)
 
 
 def test_greedy_keeps_excluded_groups(v8n):
@@ -253,6 +253,15 @@ def test_stage_target_flops_ratio(tiny64, results_dir):
     m = _record(results_dir)["metrics"]
     assert m["target_flops_ratio"] == 0.5 and "target_params_ratio" not in m
     assert abs(m["kept_conv_flops_ratio"] - 0.5) <= 0.05 and abs(m["kept_flops_ratio"] - 0.5) <= 0.08
+
+
+def test_report_labels_latency_and_flops_runs(tmp_path):
+    from stages.report import _prune_setting
+
+    latency_run = {"metrics": {"mode": "latency", "pth": None, "target_latency_ratio": 0.5}}
+    flops_run = {"metrics": {"mode": "target", "pth": 0.9, "target_flops_ratio": 0.4, "target_params_ratio": 0.5}}
+    assert _prune_setting(latency_run, tmp_path) == "latency=0.5"
+    assert _prune_setting(flops_run, tmp_path) == "target_flops=0.4"
 
 
 def test_bad_latency_backend_is_a_user_error(tiny64, results_dir):
