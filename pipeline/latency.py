@@ -190,8 +190,12 @@ class LatencyTable:
         self.entries: dict[ConvKey, list[float]] = {}
         self.measured = 0  # entries timed by this instance (the rest came from the file)
         if path is not None and path.exists():
-            data = json.loads(path.read_text())
-            self.entries = {_text_key(k): list(v["raw_ms"]) for k, v in data.get("entries", {}).items()}
+            try:
+                data = json.loads(path.read_text())
+                self.entries = {_text_key(k): list(v["raw_ms"]) for k, v in data.get("entries", {}).items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a damaged cache is re-measured
+                log.warning("latency table %s is unreadable (%s); measuring it again", path, exc)
+                self.entries = {}
 
     def ms(self, key: ConvKey) -> float:
         """Median latency of one conv; timed now when the table lacks it."""
@@ -264,11 +268,12 @@ def build_grids(pruner: ChannelPruner, imgsz: int, table: LatencyTable, granular
     for g in pruner.prunable:
         for module, is_out, _ in pruner.channel_cuts(g):
             (cuts_out if is_out else cuts_in).add(module)
+
+    def levels(width: int, cut: bool) -> list[int]:
+        return channel_levels(width, granularity, min_filters) if cut else [width]
+
     grids: dict[nn.Module, ConvGrid] = {}
     for module, site in sites.items():
-        def levels(width: int, cut: bool) -> list[int]:
-            return channel_levels(width, granularity, min_filters) if cut else [width]
-
         if site.depthwise:
             cout = levels(site.cout, module in cuts_out or module in cuts_in)
             raw = np.array([[table.ms(_key(site, c, c, c)) for c in cout]])

@@ -135,6 +135,16 @@ def test_table_is_monotone_in_channels_and_records_raw_timings(v8n, tmp_path):
     assert again == [] and cached.measured == 0  # every entry came from the file
 
 
+def test_damaged_table_file_is_measured_again(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text("{not json")
+    calls: list = []
+    table = latency.LatencyTable(path, fake_timer(calls), runs=2)
+    assert table.entries == {} and table.ms((8, 8, 1, 1, 1, 4, 4, False)) > 0 and len(calls) == 1
+    table.save()
+    assert len(json.loads(path.read_text())["entries"]) == 1
+
+
 def test_machine_key_names_backend_threads_and_size():
     key = latency.machine_key("openvino", 160, 2)
     assert key.endswith("openvino-t2-160px") and "cores" in key and "/" not in key and " " not in key
