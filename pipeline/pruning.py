@@ -444,8 +444,7 @@ class ChannelPruner:
     def count_flops(self, plan: dict[str, np.ndarray], imgsz: int) -> int:
         """Multiply-accumulates of the model's convs after `plan` at imgsz: k*k*cin/groups*cout*H*W per conv."""
         sites = self.conv_sites(imgsz)
-        return sum(site.macs(cin, cout, groups) for module, (cin, cout, groups) in
-                   self.conv_channels(plan, imgsz).items() for site in (sites[module],))
+        return sum(sites[module].macs(*shape) for module, shape in self.conv_channels(plan, imgsz).items())
 
     def find_pth(self, target_ratio: float, granularity: int = 8, min_filters: int = 16,
                  iterations: int = 50, by: str = "params", imgsz: int | None = None) -> tuple[float, float]:
