@@ -148,9 +148,13 @@ class PruneConfig:
     """prune.*: stage=prune, structured channel pruning with TAO's threshold semantics."""
 
     input: str | None = None  # model to prune (default: newest train output)
-    mode: str = "threshold"  # threshold (TAO's pth) | target (reach target_params_ratio)
+    mode: str = "threshold"  # threshold (TAO's pth) | target (reach a params/FLOPs ratio) | latency
     pth: float = 0.1  # keep filters whose normalised L2 norm > pth
     target_params_ratio: float = 0.5  # kept params / original params, for mode=target
+    target_flops_ratio: float | None = None  # mode=target: kept conv FLOPs / original instead of params
+    target_latency_ratio: float = 0.5  # mode=latency: predicted latency budget / unpruned prediction
+    latency_backend: str = "auto"  # mode=latency: auto (openvino if installed) | openvino | onnxruntime
+    latency_runs: int = 5  # mode=latency: timed runs (median) per table entry; per model at least 10
     normalizer: str = "max"  # max | L2
     equalization: str = "union"  # union | intersection | arithmetic_mean | geometric_mean
     granularity: int = 8  # kept channels rounded up to a multiple of this
@@ -280,7 +284,8 @@ _CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     KmeansConfig: {"resize": ("letterbox", "stretch")},
     FitConfig: {"sparsity": SPARSITY_KINDS},
     EvaluateConfig: {"split": ("val", "train", "test"), "ap_mode": ("coco", "voc11", "voc_integrate")},
-    PruneConfig: {"mode": ("threshold", "target"), "normalizer": ("max", "L2"),
+    PruneConfig: {"mode": ("threshold", "target", "latency"), "normalizer": ("max", "L2"),
+                  "latency_backend": ("auto", "openvino", "onnxruntime"),
                   "equalization": ("union", "intersection", "arithmetic_mean", "geometric_mean")},
     EngineConfig: {"backend": ("auto", "tensorrt", "openvino", "onnxruntime"), "precision": ("fp32", "fp16", "int8"),
                    "float_precision": ("f32", "bf16", "f16", "auto")},
@@ -304,7 +309,8 @@ _RANGES: dict[type, dict[str, tuple[float, float]]] = {
                     "calib_batches": (1, 100000)},
     EvaluateConfig: {"imgsz": _SIDE, "batch": _BATCH, "conf": (0.0, 1.0), "iou": (0.0, 1.0), "threads": _THREADS},
     PruneConfig: {"pth": (0.0, 1.0), "target_params_ratio": (0.0, 1.0), "granularity": (1, 4096),
-                  "min_filters": (1, 4096)},
+                  "min_filters": (1, 4096), "target_flops_ratio": (0.0, 1.0), "target_latency_ratio": (0.0, 1.0),
+                  "latency_runs": (1, 100000)},
     ExportConfig: {"opset": (11, 23), "imgsz": _SIDE, "batch": _BATCH, "nms_conf": (0.0, 1.0),
                    "nms_iou": (0.0, 1.0), "latency_runs": (1, 1000000), "threads": _THREADS},
     EngineConfig: {"calib_images": (1, 1000000), "calib_batch": _BATCH, "threads": _THREADS, "min_batch": _BATCH,

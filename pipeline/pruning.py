@@ -19,8 +19,10 @@ output convs (box and class) and DFL, attention blocks (C2PSA and the like: thei
 would break; C2PSA's input channels follow its producer), and every group with an output-pruned
 layer matching `excluded_layers`.
 
-`ChannelPruner.find_pth` answers "which pth keeps this fraction of parameters" by bisection on
-the same rules, counting parameters from the group index lists without cutting the model.
+`ChannelPruner.find_pth` answers "which pth keeps this fraction of parameters (or of conv FLOPs)"
+by bisection on the same rules, counting from the group index lists without cutting the model;
+FLOPs come from each conv's output size, read once in one forward pass at the deploy size.
+`pipeline.latency` chooses channels against a measured latency budget instead.
 """
 
 from __future__ import annotations
@@ -192,6 +194,30 @@ def _stand_in_pruner():
 # ---------------------------------------------------------------- groups and the pruner
 
 
+@dataclass(frozen=True)
+class ConvSite:
+    """One conv of the unpruned model as FLOP counts and latency tables see it, at one input size."""
+
+    name: str
+    cin: int
+    cout: int
+    kernel: tuple[int, int]
+    stride: int
+    groups: int
+    h_in: int
+    w_in: int
+    h_out: int
+    w_out: int
+    act: bool  # followed by an activation (Ultralytics' Conv: conv + BN + SiLU; BN folds into a bias)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.cin == self.cout
+
+    def macs(self, cin: int, cout: int, groups: int) -> int:
+        return self.kernel[0] * self.kernel[1] * (cin // groups) * cout * self.h_out * self.w_out
+
+
 @dataclass
 class GroupPlan:
     """One coupled set of channels: its merged scores and whether it may be pruned at all."""
@@ -240,6 +266,7 @@ class ChannelPruner:
         self.excluded_layers = tuple(str(p) for p in excluded_layers)
         self.swapped = swap_split_blocks(model)
         self._applied = False
+        self._sites: dict[int, dict[nn.Module, ConvSite]] = {}
         model.eval()
         for p in model.parameters():
             p.requires_grad_(True)  # the graph is traced through autograd
@@ -342,8 +369,8 @@ class ChannelPruner:
                 out[g.root] = np.setdiff1d(np.arange(g.width), keep)
         return out
 
-    def count_params(self, plan: dict[str, np.ndarray]) -> int:
-        """Parameters the model would have after `plan`, from the groups' index lists (no cutting)."""
+    def _removed(self, plan: dict[str, np.ndarray]) -> tuple[dict[nn.Module, set[int]], dict[nn.Module, set[int]]]:
+        """Output / input channel indices each layer loses under `plan`, from the groups' index lists."""
         removed_out: dict[nn.Module, set[int]] = {}
         removed_in: dict[nn.Module, set[int]] = {}
         by_root = {g.root: g for g in self.groups}
@@ -360,17 +387,84 @@ class ChannelPruner:
                     removed_out.setdefault(module, set()).update(gone)
                 else:
                     removed_in.setdefault(module, set()).update(gone)
+        return removed_out, removed_in
+
+    def count_params(self, plan: dict[str, np.ndarray]) -> int:
+        """Parameters the model would have after `plan`, from the groups' index lists (no cutting)."""
+        removed_out, removed_in = self._removed(plan)
         total = self.params_before
         for module in set(removed_out) | set(removed_in):
             ro, ri = removed_out.get(module, set()), removed_in.get(module, set())
             total -= _param_count(module, set(), set()) - _param_count(module, ro, ri)
         return total
 
+    def conv_sites(self, imgsz: int) -> dict[nn.Module, ConvSite]:
+        """Every conv of the (unpruned) model with the input and output size it runs at for an imgsz x imgsz image."""
+        if imgsz in self._sites:
+            return self._sites[imgsz]
+        if self._applied:
+            raise RuntimeError("conv_sites measures the unpruned model; call it before apply")
+        from ultralytics.nn.modules.conv import Conv
+
+        activated = {id(m.conv) for m in self.model.modules()
+                     if isinstance(m, Conv) and not isinstance(m.act, nn.Identity)}
+        found: dict[nn.Module, ConvSite] = {}
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if module not in found:  # a conv called twice (shared weights) counts once
+                found[module] = ConvSite(
+                    name=self.names.get(module, ""), cin=module.in_channels, cout=module.out_channels,
+                    kernel=tuple(module.kernel_size), stride=int(module.stride[0]), groups=module.groups,
+                    h_in=int(inputs[0].shape[2]), w_in=int(inputs[0].shape[3]),
+                    h_out=int(output.shape[2]), w_out=int(output.shape[3]), act=id(module) in activated)
+
+        handles = [m.register_forward_hook(hook) for m in self.model.modules() if isinstance(m, nn.Conv2d)]
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros(1, 3, imgsz, imgsz))
+        finally:
+            for h in handles:
+                h.remove()
+        self._sites[imgsz] = found
+        return found
+
+    def conv_channels(self, plan: dict[str, np.ndarray], imgsz: int) -> dict[nn.Module, tuple[int, int, int]]:
+        """(in channels, out channels, groups) of every conv once `plan` is cut."""
+        removed_out, removed_in = self._removed(plan)
+        shapes: dict[nn.Module, tuple[int, int, int]] = {}
+        for module, site in self.conv_sites(imgsz).items():
+            ro, ri = removed_out.get(module, set()), removed_in.get(module, set())
+            if site.depthwise:  # in and out are the same channels
+                c = site.cout - len(ro | ri)
+                shapes[module] = (c, c, c)
+            else:
+                shapes[module] = (site.cin - len(ri), site.cout - len(ro), site.groups)
+        return shapes
+
+    def count_flops(self, plan: dict[str, np.ndarray], imgsz: int) -> int:
+        """Multiply-accumulates of the model's convs after `plan` at imgsz: k*k*cin/groups*cout*H*W per conv."""
+        sites = self.conv_sites(imgsz)
+        return sum(sites[module].macs(*shape) for module, shape in self.conv_channels(plan, imgsz).items())
+
     def find_pth(self, target_ratio: float, granularity: int = 8, min_filters: int = 16,
-                 iterations: int = 50) -> tuple[float, float]:
-        """(pth, kept_params_ratio) whose ratio is closest to `target_ratio`, by bisection on pth."""
-        def ratio(pth: float) -> float:
-            return self.count_params(self.plan(pth, granularity, min_filters)) / self.params_before
+                 iterations: int = 50, by: str = "params", imgsz: int | None = None) -> tuple[float, float]:
+        """(pth, kept ratio) whose ratio is closest to `target_ratio`, by bisection on pth.
+
+        `by="params"` counts parameters; `by="flops"` counts conv multiply-accumulates at `imgsz`.
+        Both fall as pth rises (each group keeps fewer channels), which the bisection relies on.
+        """
+        if by == "flops":
+            if imgsz is None:
+                raise ValueError("find_pth(by='flops') needs imgsz")
+            flops_before = self.count_flops({}, imgsz)
+
+            def ratio(pth: float) -> float:
+                return self.count_flops(self.plan(pth, granularity, min_filters), imgsz) / flops_before
+        elif by == "params":
+            def ratio(pth: float) -> float:
+                return self.count_params(self.plan(pth, granularity, min_filters)) / self.params_before
+        else:
+            raise ValueError(f"find_pth: unknown measure {by!r}; choose params or flops")
 
         finite = [s[np.isfinite(s)] for s in (g.scores for g in self.prunable)]
         top = max((float(s.max()) for s in finite if s.size), default=0.0)
@@ -388,6 +482,27 @@ class ChannelPruner:
             else:
                 hi, r_hi = mid, r_mid
         return (lo, r_lo) if abs(r_lo - target_ratio) < abs(r_hi - target_ratio) else (hi, r_hi)
+
+    def channel_cuts(self, group: GroupPlan) -> list[tuple[nn.Module, bool, np.ndarray]]:
+        """The convs a group's cut reaches: (conv, True for its outputs / False for its inputs, how many of
+        the conv's channels each root index stands for). Producers lose outputs, consumers inputs; C2PSA's
+        input cut lands on its cv1. A conv listed twice for one side counts each of its channels once."""
+        pairs: dict[tuple[nn.Module, bool], set[tuple[int, int]]] = {}
+        for item in group.tp_group.items:
+            module = item.dep.target.module
+            is_out = self.dg.is_out_channel_pruning_fn(item.dep.handler)
+            if isinstance(module, _StandIn):
+                module, is_out = module.unit[0].cv1.conv, False
+            if isinstance(module, nn.Conv2d):
+                pairs.setdefault((module, is_out), set()).update(
+                    (int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs, strict=True))
+        cuts: list[tuple[nn.Module, bool, np.ndarray]] = []
+        for (module, is_out), found in pairs.items():
+            counts = np.zeros(group.width, dtype=np.int64)
+            for _, r in found:
+                counts[r] += 1
+            cuts.append((module, is_out, counts))
+        return cuts
 
     # -- cutting
 

@@ -4,26 +4,36 @@ The input model (newest train output, or `prune.input`) is cut with `pipeline.pr
 norms, `prune.normalizer`, `prune.equalization` over coupled layers, keep score > `prune.pth`,
 at least `prune.min_filters`, rounded up to `prune.granularity`; `prune.excluded_layers` groups
 untouched. `prune.mode=target` finds the pth that keeps `prune.target_params_ratio` of the
-parameters instead.
+parameters instead (or `prune.target_flops_ratio` of the conv FLOPs at the model's image size, when
+set). `prune.mode=latency` times every conv alone on `prune.latency_backend` at that size (a table
+cached in `<results_dir>/.latency/`) and removes the least important channel blocks per predicted
+millisecond until the prediction is <= `prune.target_latency_ratio` of the unpruned one
+(`pipeline.latency`); the record then holds the predicted and the measured latency of the float
+model before and after, both exported to ONNX and timed interleaved on that backend.
 
 Outputs: `model` model.pt (the pruned module pickled in an Ultralytics checkpoint: loads with
 `YOLO(path)` and `pipeline.models.load_model`), `layers` layers.csv (every conv: channels before
 and after). Metrics: params, gflops, size_mb, kept_params_ratio (pruned / original),
-kept_flops_ratio, pth, mode and, with `prune.evaluate`, mAP50 / mAP50_95 right after pruning
+kept_flops_ratio, pth, mode, the latency_* figures (mode=latency) and, with `prune.evaluate`, mAP50 / mAP50_95 right after pruning
 (expect a drop until retrain).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
+from pipeline import latency
 from pipeline.context import StageContext, StageResult
+from pipeline.devices import cpu_threads
 from pipeline.imgsz import model_imgsz, side
 from pipeline.manifest import atomic_write_text
 from pipeline.models import load_checkpoint, load_model, model_figures, save_checkpoint
@@ -39,19 +49,28 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     model = load_model(src)
     imgsz = side(model_imgsz(src) or 640)
     before = model_figures(model, imgsz)
+    unpruned = copy.deepcopy(model) if pc.mode == "latency" else None
 
     t0 = time.perf_counter()
     pruner = ChannelPruner(model, normalizer=str(pc.normalizer), equalization=str(pc.equalization),
                            excluded_layers=list(pc.excluded_layers))
     channels_before = layer_channels(model)
     rule = {"granularity": int(pc.granularity), "min_filters": int(pc.min_filters)}
-    if pc.mode == "target":
-        pth, predicted = pruner.find_pth(float(pc.target_params_ratio), **rule)
-        ctx.log.info("target kept_params_ratio %.3f -> pth %.4f (predicted ratio %.4f)",
-                     pc.target_params_ratio, pth, predicted)
+    flops_before = pruner.count_flops({}, imgsz)
+    lat: dict[str, Any] = {}
+    if pc.mode == "latency":
+        pth = float("nan")  # the greedy chooses channel counts, not a threshold
+        plan, lat = _latency_plan(cfg, ctx, pruner, imgsz, rule)
+    elif pc.mode == "target":
+        by = "params" if pc.target_flops_ratio is None else "flops"
+        target = float(pc.target_params_ratio if by == "params" else pc.target_flops_ratio)
+        pth, predicted = pruner.find_pth(target, **rule, by=by, imgsz=imgsz)
+        ctx.log.info("target kept_%s_ratio %.3f -> pth %.4f (predicted ratio %.4f)", by, target, pth, predicted)
+        plan = pruner.plan(pth, **rule)
     else:
         pth = float(pc.pth)
-    plan = pruner.plan(pth, **rule)
+        plan = pruner.plan(pth, **rule)
+    conv_flops_ratio = pruner.count_flops(plan, imgsz) / flops_before if flops_before else None
     pruner.apply(plan)
     seconds = time.perf_counter() - t0
     q_min, q10, q50 = pruner.score_quantiles((0.0, 0.1, 0.5))
@@ -65,7 +84,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     out = ctx.run_dir / "model.pt"
     save_checkpoint(model, out, extra={
         "train_args": dict(ckpt.get("train_args") or {}),
-        "pruning": {"mode": str(pc.mode), "pth": pth, "normalizer": str(pc.normalizer),
+        "pruning": {"mode": str(pc.mode), "pth": None if pc.mode == "latency" else pth, "normalizer": str(pc.normalizer),
                     "equalization": str(pc.equalization), "granularity": int(pc.granularity),
                     "min_filters": int(pc.min_filters), "excluded_layers": list(pc.excluded_layers),
                     "source": str(src)},
@@ -79,7 +98,8 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         **after,
         "kept_params_ratio": round(kept_params, 4),
         "kept_flops_ratio": round(after["gflops"] / before["gflops"], 4) if before["gflops"] else None,
-        "pth": round(pth, 6),
+        "kept_conv_flops_ratio": None if conv_flops_ratio is None else round(conv_flops_ratio, 4),
+        "pth": None if pc.mode == "latency" else round(pth, 6),
         "mode": str(pc.mode),
         "params_before": before["params"],
         "gflops_before": before["gflops"],
@@ -93,13 +113,28 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         "mAP50": None,
         "mAP50_95": None,
     }
-    if pc.mode == "target":
+    if pc.mode == "target" and pc.target_flops_ratio is not None:
+        metrics["target_flops_ratio"] = float(pc.target_flops_ratio)
+        if conv_flops_ratio is not None and abs(conv_flops_ratio - pc.target_flops_ratio) > TARGET_TOLERANCE:
+            ctx.warn(f"prune.target_flops_ratio={pc.target_flops_ratio}: the closest reachable conv FLOPs ratio "
+                     f"is {conv_flops_ratio:.3f} (pth {pth:.4f}); granularity={pc.granularity} and "
+                     f"min_filters={pc.min_filters} set the steps and the floor")
+    elif pc.mode == "target":
         metrics["target_params_ratio"] = float(pc.target_params_ratio)
         if abs(kept_params - pc.target_params_ratio) > TARGET_TOLERANCE:
             ctx.warn(f"prune.target_params_ratio={pc.target_params_ratio}: the closest reachable kept_params_ratio "
                      f"is {kept_params:.3f} (pth {pth:.4f}); granularity={pc.granularity} and "
                      f"min_filters={pc.min_filters} set the steps and the floor")
-    if kept_params == 1.0:
+    if unpruned is not None:  # latency mode
+        lat.update(_measured_latency(unpruned, model, imgsz, lat["latency_backend"], lat["latency_threads"],
+                                     int(pc.latency_runs)))
+        metrics.update(lat)
+        ctx.log.info("latency (%s, %d threads, %d px): predicted %.3f -> %.3f ms (ratio %.3f), measured %.3f -> "
+                     "%.3f ms (ratio %.3f)", lat["latency_backend"], lat["latency_threads"], imgsz,
+                     lat["latency_predicted_before_ms"], lat["latency_predicted_after_ms"],
+                     lat["latency_predicted_ratio"], lat["latency_measured_before_ms"],
+                     lat["latency_measured_after_ms"], lat["latency_measured_ratio"])
+    if kept_params == 1.0 and pc.mode != "latency":
         ctx.warn(f"prune.pth={pth:g} removed no channel: the lowest normalised filter score is {q_min:.3f} (10% are "
                  f"below {q10:.3f}). Filter norms stay near-uniform in a model trained briefly or without a sparsity regulariser; "
                  "raise prune.pth, use prune.mode=target, or train with train.sparsity=l1 (TAO's recipe)")
@@ -112,6 +147,51 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         metrics.update({k: result[k] for k in ("mAP50", "mAP50_95", "precision", "recall") if k in result})
     _print_table(ctx, before, metrics, _upstream_map(ctx))
     return StageResult(outputs=[("model", out), ("layers", layers_csv)], metrics=metrics)
+
+
+def _latency_plan(cfg: DictConfig, ctx: StageContext, pruner: ChannelPruner, imgsz: int,
+                  rule: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The greedy's plan against the (cached, else measured now) latency table, and its figures."""
+    pc = cfg.prune
+    backend = latency.resolve_backend(str(pc.latency_backend))
+    threads = cpu_threads(int(cfg.engine.threads))
+    key = latency.machine_key(backend, imgsz, threads)
+    table = latency.LatencyTable(ctx.results_dir / ".latency" / f"{key}.json", latency.make_timer(backend, threads),
+                                 runs=int(pc.latency_runs), meta={"key": key, "backend": backend,
+                                                                  "threads": threads, "imgsz": imgsz})
+    t0 = time.perf_counter()
+    grids, overhead = latency.build_grids(pruner, imgsz, table, **rule)
+    table.save()
+    ctx.log.info("latency table %s: %d entries (%d measured now, %.1f s), per-call overhead %.3f ms", table.path,
+                 len(table.entries), table.measured, time.perf_counter() - t0, overhead)
+    sel = latency.select(pruner, grids, imgsz, float(pc.target_latency_ratio), **rule, overhead_ms=overhead)
+    if sel.predicted_after_ms > sel.budget_ms:
+        ctx.warn(f"prune.target_latency_ratio={pc.target_latency_ratio} is out of reach: the predicted ratio stops at "
+                 f"{sel.predicted_ratio:.3f}, where every group is at its floor (prune.min_filters={pc.min_filters}) "
+                 "or no channel block left lowers the predicted latency (small convs cost the backend's fixed "
+                 "per-call time, whatever their width)")
+    return sel.plan, {
+        "target_latency_ratio": float(pc.target_latency_ratio),
+        "latency_backend": backend,
+        "latency_threads": threads,
+        "latency_table": str(table.path.relative_to(ctx.results_dir)) if table.path else None,
+        "latency_table_entries": len(table.entries),
+        "latency_overhead_ms": round(overhead, 4),
+        "latency_predicted_before_ms": round(sel.predicted_before_ms, 4),
+        "latency_predicted_after_ms": round(sel.predicted_after_ms, 4),
+        "latency_predicted_ratio": round(sel.predicted_ratio, 4),
+        "latency_greedy_steps": sel.steps,
+    }
+
+
+def _measured_latency(before: torch.nn.Module, after: torch.nn.Module, imgsz: int, backend: str, threads: int,
+                      runs: int) -> dict[str, Any]:
+    """Both float models exported to ONNX and timed interleaved on the backend the table was measured on."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ms_before, ms_after = latency.measure_models([before, after], imgsz, backend, threads,
+                                                     max(runs, 10), Path(tmp))
+    return {"latency_measured_before_ms": round(ms_before, 4), "latency_measured_after_ms": round(ms_after, 4),
+            "latency_measured_ratio": round(ms_after / ms_before, 4) if ms_before else None}
 
 
 def _check_forward(model: torch.nn.Module, imgsz: int) -> None:
@@ -157,8 +237,14 @@ def _print_table(ctx: StageContext, before: dict[str, Any], m: dict[str, Any], m
         ("GFLOPs", f"{before['gflops']:.3f}", f"{m['gflops']:.3f}", fmt(m["kept_flops_ratio"], ".3f")),
         ("mAP50-95", fmt(map_before, ".4f"), fmt(m["mAP50_95"], ".4f"), ""),
     ]
+    if "latency_measured_ratio" in m:
+        rows += [("pred. ms", f"{m['latency_predicted_before_ms']:.3f}", f"{m['latency_predicted_after_ms']:.3f}",
+                  f"{m['latency_predicted_ratio']:.3f}"),
+                 ("meas. ms", f"{m['latency_measured_before_ms']:.3f}", f"{m['latency_measured_after_ms']:.3f}",
+                  fmt(m["latency_measured_ratio"], ".3f"))]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    title = f"prune ({m['mode']}, pth={m['pth']:.4g}, imgsz={m['imgsz']})"
+    rule = f"pth={m['pth']:.4g}" if m["pth"] is not None else f"latency budget {m['target_latency_ratio']:g}"
+    title = f"prune ({m['mode']}, {rule}, imgsz={m['imgsz']})"
     lines = [title] + ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     ctx.log.info("\n".join(lines))
 

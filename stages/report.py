@@ -56,10 +56,15 @@ STAGE_MARKERS = {"train": "s", "evaluate": "D", "prune": "v", "retrain": "^", "e
 # -- reading the manifest --------------------------------------------------------------------------
 
 def _prune_setting(record: dict[str, Any], root: Path) -> float | str | None:
-    """The pth of a prune run: its metrics, else its run folder's config.yaml (target mode: 'target=R')."""
+    """The pth of a prune run: its metrics, else its run folder's config.yaml (target mode: 'target=R',
+    'target_flops=F'; latency mode: 'latency=L')."""
     m = record.get("metrics", {})
     if m.get("pth") is not None and m.get("mode", "threshold") == "threshold":
         return m["pth"]
+    if m.get("mode") == "target" and m.get("target_flops_ratio") is not None:
+        return f"target_flops={m['target_flops_ratio']:g}"
+    if m.get("mode") == "latency" and m.get("target_latency_ratio") is not None:
+        return f"latency={m['target_latency_ratio']:g}"
     if m.get("mode") == "target" and m.get("target_params_ratio") is not None:
         return f"target={m['target_params_ratio']:g}"
     cfg_path = root / record["run_dir"] / "config.yaml" if record.get("run_dir") else None
