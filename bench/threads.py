@@ -46,7 +46,7 @@ def pipeline(results: Path, *args: str) -> dict[str, Any]:
     proc = subprocess.run(cmd, cwd=BENCH.parent, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    records = json.loads((results / "manifest.json").read_text())["records"]
+    records = json.loads((results / "manifest.json").read_text())["runs"]
     return records[-1]
 
 

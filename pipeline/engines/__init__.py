@@ -23,8 +23,6 @@ def select_backend(requested: str) -> tuple[str, str]:
 
 def require_backend(backend: str, int8_ptq: bool) -> None:
     """Fail before any work (UserError, exit 2) when the chosen backend's runtime is missing."""
-    from pipeline.errors import require
-
     if backend == "tensorrt":
         from pipeline.engines.tensorrt import require as require_tensorrt
 
@@ -34,4 +32,6 @@ def require_backend(backend: str, int8_ptq: bool) -> None:
 
         require_openvino(int8=int8_ptq)
     else:
-        require("onnxruntime", "install it with `pip install onnxruntime` (a dependency of this package)")
+        from pipeline.engines.onnxruntime import require_onnxruntime
+
+        require_onnxruntime()
