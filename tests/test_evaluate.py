@@ -9,6 +9,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.evaluation import (
     average_precision,
+    class_remap,
     concat_stats,
     evaluate,
     match_detections,
@@ -218,6 +219,68 @@ def test_evaluate_refuses_what_the_user_can_fix(tiny_model_pt, tiny_data_yaml, t
         evaluate(tiny_model_pt, tiny_data_yaml, ap_mode="voc07")
     with pytest.raises(UserError, match="does not exist"):
         evaluate(tmp_path / "missing.pt", tiny_data_yaml)
+
+
+def test_class_remap_maps_reordered_names_and_refuses_other_classes():
+    assert class_remap({0: "red", 1: "blue"}, {0: "red", 1: "blue"}) is None
+    assert class_remap({0: "blue", 1: "red"}, {0: "red", 1: "blue"}) == [1, 0]
+    assert class_remap({0: "class0", 1: "class1"}, {0: "red", 1: "blue"}) is None  # unnamed, same count
+    for model in ({0: "red", 1: "blue", 2: "green"}, {0: "red", 1: "cat"}, {0: "class0"}):
+        with pytest.raises(UserError, match=r"model's classes \[.*\] are not the dataset's \['red', 'blue'\]"):
+            class_remap(model, {0: "red", 1: "blue"})
+
+
+def test_evaluate_refuses_a_dataset_of_other_classes(tiny_model_pt, tiny_data_yaml, tmp_path):
+    """A 2-class model on a 3-class dataset exits 2 naming both lists, instead of scoring a near-zero mAP."""
+    other = tmp_path / "three.yaml"
+    root = tiny_data_yaml.parent
+    other.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: [red, blue, green]\n")
+    with pytest.raises(UserError, match=r"\['red', 'blue'\] are not the dataset's \['red', 'blue', 'green'\]"):
+        evaluate(tiny_model_pt, other, imgsz=64, batch=8)
+
+
+def _boxing_model(tmp_path):
+    """An untrained yolov8n (red, blue) whose head outputs ~24 px boxes at every stride-8 cell with scores
+    near 0.5: on the rectangles dataset some boxes hit, so AP is above zero and depends on the classes."""
+    from pipeline.models import build_model, save_checkpoint
+
+    model = build_model("yolov8n", nc=2)
+    model.names = {0: "red", 1: "blue"}
+    head = model.model[-1]
+    for seq in head.cv3:
+        seq[-1].bias.data.zero_()
+    for seq in head.cv2:  # DFL distances of 1.5 strides on each side, whatever the features
+        seq[-1].weight.data.zero_()
+        bias = torch.full((4, head.reg_max), -10.0)
+        bias[:, 1:3] = 0.0
+        seq[-1].bias.data = bias.flatten()
+    return save_checkpoint(model, tmp_path / "boxing.pt")
+
+
+def test_evaluate_maps_the_same_classes_in_another_order(tiny_data_yaml, tmp_path, caplog):
+    """The dataset with its class ids swapped (names blue, red) scores exactly as the original: predictions
+    are mapped by name, and the result says so."""
+    import shutil
+
+    root = tmp_path / "swapped"
+    shutil.copytree(tiny_data_yaml.parent / "images", root / "images")
+    for label in (tiny_data_yaml.parent / "labels").rglob("*.txt"):
+        out = root / label.relative_to(tiny_data_yaml.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(f"{1 - int(line[0])}{line[1:]}" for line in label.read_text().splitlines(True)))
+    swapped = root / "data.yaml"
+    swapped.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: [blue, red]\n")
+
+    model = _boxing_model(tmp_path)
+    plain = evaluate(model, tiny_data_yaml, imgsz=64, batch=8)
+    with caplog.at_level("INFO", logger="pipeline"):
+        mapped = evaluate(model, swapped, imgsz=64, batch=8)
+    assert "class_map" not in plain
+    assert mapped["class_map"] == {"red": 1, "blue": 0}
+    assert "in another order" in caplog.text
+    assert min(plain["per_class"].values()) > 0  # the comparison means something
+    assert mapped["per_class"] == pytest.approx(plain["per_class"], abs=1e-9)
+    assert mapped["mAP50_95"] == pytest.approx(plain["mAP50_95"], abs=1e-9)
 
 
 def test_model_imgsz_from_checkpoint_args(tmp_path):
