@@ -38,6 +38,7 @@ from pipeline import safe_load
 from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
 from pipeline.imgsz import model_imgsz
+from pipeline.yolo_env import verbose
 
 AP_MODES = ("coco", "voc11", "voc_integrate")
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # the validator's iouv (COCO's IoU thresholds)
@@ -176,6 +177,11 @@ def _recorder_class() -> type:
                 preds = {**preds, "bboxes": to_image(preds["bboxes"])}
                 batch = {**batch, "bboxes": to_image(batch["bboxes"])}
             return super()._process_batch(preds, batch)
+
+        def get_desc(self) -> str:
+            # The progress bar's title; Ultralytics' is its table header, whose rows we leave out
+            # (one mAP per evaluation: ours) unless verbose=true.
+            return super().get_desc() if verbose() else f"{'evaluate':>22}"
 
         def get_stats(self) -> dict[str, Any]:
             stats = self.metrics.stats
