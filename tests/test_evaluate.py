@@ -314,10 +314,10 @@ def test_evaluate_agrees_with_pycocotools_on_the_boxes_a_user_receives(tiny_mode
     pycocotools' AP on those equals ours. Matching the unclipped letterbox boxes differed by 0.005 on a
     real model; here a third of the detections reach past the image edge."""
     pytest.importorskip("pycocotools")
+    from conftest import write_rect_dataset
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from conftest import write_rect_dataset
     from pipeline import evaluation
 
     data_yaml = write_rect_dataset(tmp_path / "data", n_train=2, n_val=40, size=96, seed=3)
