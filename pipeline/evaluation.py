@@ -115,6 +115,8 @@ def evaluate(
             validator(model=model if isinstance(model, nn.Module) else str(model))
         result = summarize(validator.matched, names, ap_mode=ap_mode)
         result["images"] = int(validator.seen)
+        used = validator.args.imgsz  # an export of fixed shape is run at its own size, whatever was asked
+        result["imgsz"] = int(used) if isinstance(used, int) else [int(v) for v in used]
         if validator.mapped_classes is not None:
             result["class_map"] = validator.mapped_classes
         if plots:
