@@ -34,8 +34,9 @@ def _task(cfg: DictConfig) -> None:
     _task_started = True
     try:
         validate(cfg)  # before importing the stages: a bad value costs no import work
-        from pipeline import app
+        from pipeline import app, yolo_env
 
+        yolo_env.set_verbose(bool(cfg.get("verbose", False)))
         app.run(cfg, _overrides())
     except UserError as exc:
         logging.getLogger("pipeline").debug("user error", exc_info=True)

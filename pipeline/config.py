@@ -245,6 +245,7 @@ class Config:
     seed: int = 0  # seeds data splits, the synthetic dataset, initial weights and training
     device: str = "auto"  # auto (the first CUDA GPU, else cpu) | cpu | cuda | 0 | 0,1
     force: bool = False  # stage=all: redo runs even when a matching one exists
+    verbose: bool = False  # console shows Ultralytics' banner, info lines and tables, and dependency warnings
     # stage=all: also run the equal-budget control (the unpruned model through the same retrain,
     # export and engine) and the unpruned FP32 ONNX export the report quotes speedups against
     control: bool = True

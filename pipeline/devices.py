@@ -22,6 +22,8 @@ import os
 import time
 from collections.abc import Iterator
 
+from pipeline.yolo_env import DETAIL
+
 log = logging.getLogger("pipeline")
 
 # A core counts as taken when other processes use at least this much of one over the window.
@@ -101,7 +103,7 @@ class CoreMeter:
         taken = max(0, int(self.other_load + 1.0 - TAKEN_CORE))
         free = max(1, n - taken)
         if free < n:
-            log.info("CPU threads: %d of %d (other processes use %.2f cores)", free, n, self.other_load)
+            log.info("CPU threads: %d of %d (other processes use %.2f cores)", free, n, self.other_load, extra=DETAIL)
         return free
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,7 @@ from pipeline import safe_load
 from pipeline.devices import threads_kept, use_cores
 from pipeline.errors import UserError
 from pipeline.imgsz import model_imgsz
+from pipeline.yolo_env import verbose
 
 AP_MODES = ("coco", "voc11", "voc_integrate")
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # the validator's iouv (COCO's IoU thresholds)
@@ -44,6 +46,8 @@ _COCO_RECALLS = np.linspace(0.0, 1.0, 101)
 _VOC11_RECALLS = np.linspace(0.0, 1.0, 11)
 _STAT_KEYS = ("tp", "conf", "pred_cls", "target_cls")
 PLOT_FILES = ("BoxPR_curve.png", "confusion_matrix.png", "confusion_matrix_normalized.png")
+
+log = logging.getLogger("pipeline")
 
 
 def evaluate(
@@ -103,6 +107,7 @@ def evaluate(
             "save_json": False, "model": None if isinstance(model, nn.Module) else str(model),
         }
         validator = _recorder_class()(save_dir=out, args=args)
+        validator.data_names = names
         validator.cpu_threads = int(threads)  # read by _every_core (0 = the free cores, pipeline.devices)
         validator.add_callback("on_val_start", _every_core)
         with threads_kept():
@@ -110,6 +115,10 @@ def evaluate(
             validator(model=model if isinstance(model, nn.Module) else str(model))
         result = summarize(validator.matched, names, ap_mode=ap_mode)
         result["images"] = int(validator.seen)
+        used = validator.args.imgsz  # an export of fixed shape is run at its own size, whatever was asked
+        result["imgsz"] = int(used) if isinstance(used, int) else [int(v) for v in used]
+        if validator.mapped_classes is not None:
+            result["class_map"] = validator.mapped_classes
         if plots:
             result["plots"] = [str(out / f) for f in PLOT_FILES if (out / f).exists()]
     return result
@@ -123,11 +132,58 @@ def _every_core(validator: Any) -> None:
 
 @functools.cache
 def _recorder_class() -> type:
-    """Ultralytics' DetectionValidator that keeps the matched statistics it clears after its own metrics."""
+    """Ultralytics' DetectionValidator that checks the model's classes against the dataset's, matches the
+    boxes a user receives (in the image's pixels, clipped to it) and keeps the matched statistics it
+    clears after its own metrics."""
     from ultralytics.models.yolo.detect import DetectionValidator
+    from ultralytics.utils import ops
 
     class MatchRecorder(DetectionValidator):
         matched: dict[str, np.ndarray]
+        data_names: dict[int, str]
+        mapped_classes: dict[str, int] | None = None  # model class name -> dataset class id, when reordered
+        _remap: torch.Tensor | None = None
+
+        def get_dataloader(self, dataset_path: str, batch_size: int) -> Any:
+            # Here the model is loaded (self.names are its classes) and no label has been dropped yet:
+            # Ultralytics would silently drop the labels of classes a smaller model lacks.
+            remap = class_remap(self.names, self.data_names)
+            if remap is not None:
+                self._remap = torch.as_tensor(remap, dtype=torch.float32)
+                self.mapped_classes = {str(self.names[i]): int(d) for i, d in enumerate(remap)}
+                log.info("evaluate: the model's classes %s are the dataset's %s in another order; predictions are "
+                         "mapped by name", list(self.names.values()), list(self.data_names.values()))
+            return super().get_dataloader(dataset_path, batch_size)
+
+        def init_metrics(self, model: nn.Module) -> None:
+            super().init_metrics(model)
+            if self._remap is not None:  # predictions carry the dataset's ids from here on
+                self.names = self.metrics.names = dict(self.data_names)
+                self.confusion_matrix.names = list(self.data_names.values())
+
+        def _prepare_pred(self, pred: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            pred = super()._prepare_pred(pred)
+            if self._remap is not None and len(pred["cls"]):
+                pred["cls"] = self._remap.to(pred["cls"].device)[pred["cls"].long()]
+            return pred
+
+        def _process_batch(self, preds: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, np.ndarray]:
+            # Match in the original image's pixels with the detections clipped to the image, as a user
+            # receives them from predict (scale_boxes clips); the letterbox frame would let a box reach
+            # into the padding. The labels lie inside the image, so clipping leaves them as they are.
+            if preds["cls"].shape[0] and batch["cls"].shape[0]:
+                def to_image(boxes: torch.Tensor) -> torch.Tensor:
+                    return ops.scale_boxes(batch["imgsz"], boxes.clone(), batch["ori_shape"],
+                                           ratio_pad=batch["ratio_pad"])
+
+                preds = {**preds, "bboxes": to_image(preds["bboxes"])}
+                batch = {**batch, "bboxes": to_image(batch["bboxes"])}
+            return super()._process_batch(preds, batch)
+
+        def get_desc(self) -> str:
+            # The progress bar's title; Ultralytics' is its table header, whose rows we leave out
+            # (one mAP per evaluation: ours) unless verbose=true.
+            return super().get_desc() if verbose() else f"{'evaluate':>22}"
 
         def get_stats(self) -> dict[str, Any]:
             stats = self.metrics.stats
@@ -135,6 +191,23 @@ def _recorder_class() -> type:
             return super().get_stats()
 
     return MatchRecorder
+
+
+def class_remap(model_names: dict[int, str], data_names: dict[int, str]) -> list[int] | None:
+    """Dataset class id of each model class id when the model has the dataset's classes in another order;
+    None when they are in the same order. Different classes raise UserError naming both lists.
+
+    A model without recorded names (Ultralytics' placeholders class0, class1, ...) is compared by count.
+    """
+    model = [str(model_names[k]) for k in sorted(model_names)]
+    data = [str(data_names[k]) for k in sorted(data_names)]
+    unnamed = model == [f"class{i}" for i in range(len(model))]
+    if model == data or (unnamed and len(model) == len(data)):
+        return None
+    if unnamed or sorted(model) != sorted(data) or len(set(data)) != len(data):
+        raise UserError(f"the model's classes {model} are not the dataset's {data}: evaluate it on the dataset it "
+                        "was trained on (dataset.path) or give a model trained on this one (evaluate.input)")
+    return [data.index(n) for n in model]
 
 
 def summarize(stats: dict[str, np.ndarray], names: dict[int, str] | list[str], ap_mode: str = "coco") -> dict[str, Any]:

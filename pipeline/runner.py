@@ -38,6 +38,7 @@ from pipeline.manifest import (
     now_iso,
 )
 from pipeline.safe_load import trust_from_config
+from pipeline.yolo_env import DETAIL
 from stages import spec
 
 log = logging.getLogger("pipeline")
@@ -268,7 +269,7 @@ def _execute(cfg, stage, module, manifest: Manifest, inputs, chash, overrides, n
             "warnings": ctx.warnings, **ctx.extra,
         }
         done = manifest.update(run_id, **fields)
-        log.info("[%s] succeeded in %.1f s", stage, fields["seconds"])
+        log.info("[%s] succeeded in %.1f s", stage, fields["seconds"], extra=DETAIL)  # the summary line follows
         return done
     except BaseException as exc:
         # The message stored in the failure record may say it is recorded; if that write fails, the

@@ -2,11 +2,16 @@
 
 - no run-time pip installs, no requirement checks, no online checks, no analytics sync;
 - its settings file lives in a folder the pipeline owns (not the user's home);
-- plot fonts come from matplotlib's DejaVuSans instead of an internet download.
+- plot fonts come from matplotlib's DejaVuSans instead of an internet download;
+- a quiet console unless `verbose=true` (`set_verbose`): Ultralytics' info lines (banner, repeated
+  requirement notes, its validation table), dependency FutureWarnings/UserWarnings and the pipeline's
+  own detail lines (`DETAIL`) stay out of the console; the run's log.txt keeps every line.
+  Progress bars stay: Ultralytics draws them while its logger is at INFO.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -14,6 +19,10 @@ import tempfile
 from pathlib import Path
 
 _DONE = False
+_VERBOSE_ENV = "PIPELINE_VERBOSE"  # "1" with verbose=true; child processes (launcher jobs) inherit it
+DETAIL = {"detail": True}  # `extra=` of a log line for the run's log.txt, on the console only with verbose=true
+_EPOCH_HEADER = "GPU_mem"  # the column header of Ultralytics' training progress bar: kept, the bar needs it
+_DEPENDENCY_WARNINGS = (FutureWarning, UserWarning, DeprecationWarning)
 
 
 def config_dir() -> Path:
@@ -44,6 +53,40 @@ def setup() -> None:
     # Ultralytics keeps its settings and fonts (and its DDP scripts) in <YOLO_CONFIG_DIR>/Ultralytics.
     _install_fonts(cdir / "Ultralytics")
     _DONE = True
+
+
+def verbose() -> bool:
+    """Whether the console shows everything (`verbose=true`)."""
+    return os.environ.get(_VERBOSE_ENV) == "1"
+
+
+def set_verbose(on: bool) -> None:
+    """Apply the top-level `verbose` key to the console: call after logging is configured (Hydra's)."""
+    import warnings
+
+    os.environ[_VERBOSE_ENV] = "1" if on else "0"
+    # Filters of another module's warnings (the library's, not a pipeline call site); inserted first,
+    # so the later call wins when a process sets verbose twice (tests).
+    for category in _DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("default" if on else "ignore", category=category, module=r"(?!pipeline|stages)")
+    # torch's own handler prints these (e.g. cpp_extension's "No CUDA runtime is found" when ModelOpt
+    # loads); torch resets the level of its top logger when its logging is initialised, not the child's.
+    for name in ("torch", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.NOTSET if on else logging.ERROR)
+    from ultralytics.utils import LOGGER  # its console handler exists from this import on
+
+    for handler in [*LOGGER.handlers, *logging.getLogger().handlers]:
+        if type(handler) is logging.StreamHandler and _console_filter not in handler.filters:
+            handler.addFilter(_console_filter)
+
+
+def _console_filter(record: logging.LogRecord) -> bool:
+    """A console handler's filter: without verbose, warnings and the pipeline's own lines only."""
+    if verbose() or record.levelno >= logging.WARNING:
+        return True
+    if record.name.startswith("ultralytics"):
+        return _EPOCH_HEADER in record.getMessage()
+    return not getattr(record, "detail", False)
 
 
 def _writable(folder: Path) -> bool:

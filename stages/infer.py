@@ -11,6 +11,7 @@ detection is uncertain, for a human to check first).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,11 @@ from pipeline.predict import FolderScan, ImageItem, Prediction, Predictor, Skipp
 JOURNAL = "detections.jsonl"
 # Settings that change the labels: a failed run is resumed only when they match.
 RESUME_KEYS = ("conf", "iou", "imgsz", "max_det", "fast_decode")
+# NMS keeps boxes down to this score (Ultralytics' validation conf), so every image's best score is
+# known even below infer.conf: the review list and the "most images got no box" hint need it.
+BEST_FLOOR = 0.001
+REVIEW_NEAREST = 20  # images listed when none falls in infer.review_band: the nearest to infer.conf
+EMPTY_WARN = 0.5  # share of images without a box above which the run warns
 
 
 def run(cfg: Any, ctx: StageContext) -> StageResult:
@@ -59,7 +65,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     t0 = time.perf_counter()
     inferred = 0
     with writer, tqdm(total=len(todo), unit="img", desc="infer", disable=None, dynamic_ncols=True) as bar:
-        for result in predictor.predict(todo, keep_images=writer.save_vis, nms_conf=min(float(icfg.conf), band_lo)):
+        for result in predictor.predict(todo, keep_images=writer.save_vis, nms_conf=min(float(icfg.conf), band_lo, BEST_FLOOR)):
             if isinstance(result, Skipped):
                 scan.skipped.append(result)
             else:
@@ -322,18 +328,40 @@ def _write_dataset(cfg: Any, ctx: StageContext, writer: Writer, names: dict[int,
     return data_yaml
 
 
+def _warn_if_mostly_empty(ctx: StageContext, entries: list[dict[str, Any]], conf: float) -> None:
+    """Most images without a box: say so, with the infer.conf that would give the median image one."""
+    empty = sum(1 for e in entries if not e["boxes"])
+    if not entries or empty <= EMPTY_WARN * len(entries):
+        return
+    bests = sorted(e["best"] for e in entries if e["best"] is not None)
+    if not bests:
+        hint = (f"the model finds nothing even at {BEST_FLOOR}: check that infer.input is a model trained on "
+                "images like these")
+    else:
+        median = bests[(len(bests) - 1) // 2]
+        suggest = max(BEST_FLOOR, math.floor(median * 1000) / 1000)  # rounded down: the median image keeps its box
+        hint = f"the median best score is {median:.3f}; infer.conf={suggest:g} would give half the images a box"
+    ctx.warn(f"{empty} of {len(entries)} images got no box at infer.conf={conf}: {hint}")
+
+
 def _finish(cfg: Any, ctx: StageContext, source: Path, scan: FolderScan, predictor: Predictor, writer: Writer,
             resumed: set[str], images_per_s: float) -> StageResult:
     names = dict(predictor.names)
     per_class = Counter(c for e in writer.entries for c, *_ in e["boxes"])
     boxes_per_class = {names.get(i, str(i)): per_class.get(i, 0) for i in sorted(set(names) | set(per_class))}
     lo, hi = (float(v) for v in cfg.infer.review_band)
-    review = sorted((e for e in writer.entries if e["best"] is not None and lo <= e["best"] <= hi),
-                    key=lambda e: (e["best"], e["path"]))
+    conf = float(cfg.infer.conf)
+    scored = [e for e in writer.entries if e["best"] is not None]
+    review = sorted((e for e in scored if lo <= e["best"] <= hi), key=lambda e: (e["best"], e["path"]))
+    what = f"whose best detection confidence is in [{lo}, {hi}]"
+    if not review and scored:  # none in the band: the ones nearest the threshold are still the ones to check
+        review = sorted(scored, key=lambda e: (abs(e["best"] - conf), e["path"]))[:REVIEW_NEAREST]
+        what = f"nearest to infer.conf={conf} (none in infer.review_band=[{lo}, {hi}])"
     atomic_write_text(ctx.run_dir / "review.txt",
-                      f"# {len(review)} images whose best detection confidence is in [{lo}, {hi}]: check these first\n"
+                      f"# {len(review)} images {what}: check these first\n"
                       "# best_conf\timage (relative to the source folder)\n"
                       + "".join(f"{e['best']:.3f}\t{e['path']}\n" for e in review))
+    _warn_if_mostly_empty(ctx, writer.entries, conf)
     metrics = {
         "images": len(writer.entries), "skipped": len(scan.skipped), "boxes": sum(per_class.values()),
         "images_per_s": round(images_per_s, 3), "boxes_per_class": boxes_per_class,

@@ -34,6 +34,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("stage", "stage", "s"),
     ("from", "from", "s"),
     ("pth", "pth", "g"),
+    ("imgsz", "imgsz", "s"),
     ("kept_params_ratio", "kept_params_ratio", ".3f"),
     ("params", "params", ",d"),
     ("gflops", "GFLOPs", ".2f"),
@@ -118,7 +119,7 @@ def _rows(manifest: Manifest, runs: list[Record], succeeded: list[Record]) -> li
         rows.append({
             "run_id": r["run_id"], "stage": r["stage"], "from": Manifest.parent_id(r),
             "pth": _prune_setting(prune, manifest.root) if prune is not None else None,
-            "kept_params_ratio": kept,
+            "kept_params_ratio": kept, "imgsz": _imgsz(m.get("imgsz")),
             **{k: m.get(k) for k in (*MODEL_KEYS, "latency_ms")},
             "precision": _precision(r), "backend": _backend(r), "seconds": r.get("seconds"),
             "lineage": [a["run_id"] for a in reversed(chain)],
@@ -126,6 +127,13 @@ def _rows(manifest: Manifest, runs: list[Record], succeeded: list[Record]) -> li
         })
     _compare_with_control(rows)
     return rows
+
+
+def _imgsz(value: Any) -> str | None:
+    """The input size a run's figures are at: 96, or 96x128 (height x width) when not square."""
+    if isinstance(value, (list, tuple)):
+        return str(value[0]) if len(set(value)) == 1 else "x".join(map(str, value))
+    return None if value is None else str(value)
 
 
 def _kind(chain: list[Record]) -> str:

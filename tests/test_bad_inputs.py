@@ -401,7 +401,8 @@ def test_cli_refuses_a_file_that_is_not_a_model(tmp_path, key, case, build, patt
 
 def test_every_defect_kind_is_covered():
     covered = {k for _, _, expected, _ in FIXED for k in expected}
-    covered |= {"swapped_corners", "image_size_mismatch", "split_overlap", "symlinked_folder"}
+    covered |= {"swapped_corners", "image_size_mismatch", "split_overlap", "symlinked_folder",
+                "huge_image", "all_labels_rejected"}  # tests/test_dataset_red_team.py
     assert covered == set(DEFECTS)
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.evaluation import (
     average_precision,
+    class_remap,
     concat_stats,
     evaluate,
     match_detections,
@@ -218,6 +220,151 @@ def test_evaluate_refuses_what_the_user_can_fix(tiny_model_pt, tiny_data_yaml, t
         evaluate(tiny_model_pt, tiny_data_yaml, ap_mode="voc07")
     with pytest.raises(UserError, match="does not exist"):
         evaluate(tmp_path / "missing.pt", tiny_data_yaml)
+
+
+def test_class_remap_maps_reordered_names_and_refuses_other_classes():
+    assert class_remap({0: "red", 1: "blue"}, {0: "red", 1: "blue"}) is None
+    assert class_remap({0: "blue", 1: "red"}, {0: "red", 1: "blue"}) == [1, 0]
+    assert class_remap({0: "class0", 1: "class1"}, {0: "red", 1: "blue"}) is None  # unnamed, same count
+    for model in ({0: "red", 1: "blue", 2: "green"}, {0: "red", 1: "cat"}, {0: "class0"}):
+        with pytest.raises(UserError, match=r"model's classes \[.*\] are not the dataset's \['red', 'blue'\]"):
+            class_remap(model, {0: "red", 1: "blue"})
+
+
+def test_evaluate_refuses_a_dataset_of_other_classes(tiny_model_pt, tiny_data_yaml, tmp_path):
+    """A 2-class model on a 3-class dataset exits 2 naming both lists, instead of scoring a near-zero mAP."""
+    other = tmp_path / "three.yaml"
+    root = tiny_data_yaml.parent
+    other.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: [red, blue, green]\n")
+    with pytest.raises(UserError, match=r"\['red', 'blue'\] are not the dataset's \['red', 'blue', 'green'\]"):
+        evaluate(tiny_model_pt, other, imgsz=64, batch=8)
+
+
+def _boxing_model(tmp_path):
+    """An untrained yolov8n (red, blue) whose head outputs ~24 px boxes at every stride-8 cell with scores
+    near 0.5: on the rectangles dataset some boxes hit, so AP is above zero and depends on the classes."""
+    from pipeline.models import build_model, save_checkpoint
+
+    model = build_model("yolov8n", nc=2)
+    model.names = {0: "red", 1: "blue"}
+    head = model.model[-1]
+    for seq in head.cv3:
+        seq[-1].bias.data.zero_()
+    for seq in head.cv2:  # DFL distances of 1.5 strides on each side, whatever the features
+        seq[-1].weight.data.zero_()
+        bias = torch.full((4, head.reg_max), -10.0)
+        bias[:, 1:3] = 0.0
+        seq[-1].bias.data = bias.flatten()
+    return save_checkpoint(model, tmp_path / "boxing.pt")
+
+
+def test_evaluate_maps_the_same_classes_in_another_order(tiny_data_yaml, tmp_path, caplog):
+    """The dataset with its class ids swapped (names blue, red) scores exactly as the original: predictions
+    are mapped by name, and the result says so."""
+    import shutil
+
+    root = tmp_path / "swapped"
+    shutil.copytree(tiny_data_yaml.parent / "images", root / "images")
+    for label in (tiny_data_yaml.parent / "labels").rglob("*.txt"):
+        out = root / label.relative_to(tiny_data_yaml.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(f"{1 - int(line[0])}{line[1:]}" for line in label.read_text().splitlines(True)))
+    swapped = root / "data.yaml"
+    swapped.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: [blue, red]\n")
+
+    model = _boxing_model(tmp_path)
+    plain = evaluate(model, tiny_data_yaml, imgsz=64, batch=8)
+    with caplog.at_level("INFO", logger="pipeline"):
+        mapped = evaluate(model, swapped, imgsz=64, batch=8)
+    assert "class_map" not in plain
+    assert mapped["class_map"] == {"red": 1, "blue": 0}
+    assert "in another order" in caplog.text
+    assert min(plain["per_class"].values()) > 0  # the comparison means something
+    assert mapped["per_class"] == pytest.approx(plain["per_class"], abs=1e-9)
+    assert mapped["mAP50_95"] == pytest.approx(plain["mAP50_95"], abs=1e-9)
+
+
+def _noisy_detections(rng, gt_boxes, gt_cls, shape):
+    """Detections of one image from its labels (letterbox pixels): jittered hits, some pushed past the
+    image edge (clipping matters), wrong classes, misses, false positives; random confidences."""
+    h, w = shape
+    boxes, cls = [], []
+    for box, c in zip(gt_boxes.tolist(), gt_cls.tolist(), strict=True):
+        if rng.random() < 0.15:
+            continue
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        box = np.asarray(box) + rng.normal(0, 0.08, 4) * [bw, bh, bw, bh]
+        if rng.random() < 0.4:
+            box[:2] -= rng.uniform(0, 0.5, 2) * [bw, bh]  # past the left/top edge when the object is near it
+        boxes.append(box)
+        cls.append(c if rng.random() < 0.9 else 1 - c)
+    for _ in range(int(rng.integers(0, 3))):
+        x, y = rng.uniform(-10, w, 2)
+        boxes.append([x, y, x + rng.uniform(8, 30), y + rng.uniform(8, 30)])
+        cls.append(float(rng.integers(0, 2)))
+    n = len(boxes)
+    return {"bboxes": torch.tensor(np.reshape(boxes, (n, 4)), dtype=torch.float32),
+            "conf": torch.tensor(rng.uniform(0.05, 1, n), dtype=torch.float32),
+            "cls": torch.tensor(cls, dtype=torch.float32), "extra": torch.zeros((n, 0))}
+
+
+def test_evaluate_agrees_with_pycocotools_on_the_boxes_a_user_receives(tiny_model_pt, tmp_path, monkeypatch):
+    """End to end through the validator: detections as a user receives them (scaled to the image and
+    clipped, Ultralytics' own COCO JSON writer), the ground truth as COCO JSON from the YOLO labels;
+    pycocotools' AP on those equals ours. Matching the unclipped letterbox boxes differed by 0.005 on a
+    real model; here a third of the detections reach past the image edge."""
+    pytest.importorskip("pycocotools")
+    from conftest import write_rect_dataset
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from pipeline import evaluation
+
+    data_yaml = write_rect_dataset(tmp_path / "data", n_train=2, n_val=40, size=96, seed=3)
+    rng = np.random.default_rng(0)
+    seen = []
+
+    class Collect(evaluation._recorder_class()):
+        def update_metrics(self, preds, batch):
+            # The model's detections replaced by known noisy ones, before the validator matches them
+            fake = []
+            for si in range(len(preds)):
+                pbatch = self._prepare_batch(si, batch)
+                fake.append(_noisy_detections(rng, pbatch["bboxes"].numpy(), pbatch["cls"].numpy(),
+                                              pbatch["imgsz"]))
+            super().update_metrics(fake, batch)
+            seen.append(self)
+            for si, pred in enumerate(fake):  # what save_json writes: scaled to the image, clipped
+                pbatch = self._prepare_batch(si, batch)
+                if len(pred["cls"]):
+                    self.pred_to_json(self.scale_preds(pred, pbatch), pbatch)
+
+    monkeypatch.setattr(evaluation, "_recorder_class", lambda: Collect)
+    ours = evaluate(tiny_model_pt, data_yaml, imgsz=64, batch=8)
+    detections = seen[-1].jdict
+    assert 0.1 < ours["mAP50_95"] < 0.9  # a non-trivial case
+
+    root = data_yaml.parent
+    gt = {"images": [], "annotations": [], "categories": [{"id": c + 1} for c in range(2)]}
+    for image in sorted((root / "images" / "val").iterdir()):
+        w, h = Image.open(image).size
+        image_id = int(image.stem) if image.stem.isnumeric() else image.stem  # as pred_to_json names it
+        gt["images"].append({"id": image_id, "width": w, "height": h})
+        for line in (root / "labels" / "val" / f"{image.stem}.txt").read_text().splitlines():
+            c, cx, cy, bw, bh = map(float, line.split())
+            box = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id,
+                                      "category_id": int(c) + 1, "bbox": box, "area": box[2] * box[3],
+                                      "iscrowd": 0})
+    coco_gt = COCO()
+    coco_gt.dataset = gt
+    coco_gt.createIndex()
+    ev = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ours["mAP50_95"] == pytest.approx(ev.stats[0], abs=0.002)
+    assert ours["mAP50"] == pytest.approx(ev.stats[1], abs=0.002)
 
 
 def test_model_imgsz_from_checkpoint_args(tmp_path):

@@ -264,6 +264,28 @@ def test_review_lists_uncertain_images(cli_run):
     assert record["metrics"]["review"] == len(expected)
 
 
+def test_mostly_empty_run_warns_and_names_the_conf_that_gives_boxes(models, source, tmp_path):
+    """infer.conf above every score: no image gets a box; the run says so and suggests the median best
+    score (0.9: six of the nine images with objects have a red box), and review.txt still lists the
+    images nearest the threshold."""
+    record = stage(tmp_path / "r", f"infer.input={models['onnx']}", f"infer.source={source}",
+                   f"infer.imgsz={IMGSZ}", "infer.conf=0.95", "infer.review_band=[0.6,0.7]")
+    assert record["metrics"]["images_with_boxes"] == 0
+    [warning] = [w for w in record["warnings"] if "got no box" in w]
+    assert f"{len(TRUTH)} of {len(TRUTH)} images got no box at infer.conf=0.95" in warning
+    assert "median best score is 0.900" in warning and "infer.conf=0.9 " in warning
+    review = (Path(tmp_path / "r") / record["run_dir"] / "review.txt").read_text().splitlines()
+    assert "nearest to infer.conf=0.95 (none in infer.review_band=[0.6, 0.7])" in review[0]
+    listed = [ln.split("\t") for ln in review if not ln.startswith("#")]
+    n_scored = sum(1 for _, rects in TRUTH.values() if rects)
+    assert len(listed) == n_scored and float(listed[0][0]) == pytest.approx(0.9, abs=1e-3)  # nearest first
+
+
+def test_a_run_with_boxes_does_not_warn(cli_run):
+    _, record = cli_run
+    assert not [w for w in record["warnings"] if "got no box" in w]
+
+
 def test_output_imports_as_dataset(cli_run, tmp_path):
     """dataset.path=<infer run folder> imports (our importer) and reads in Ultralytics as is."""
     from ultralytics.data.utils import check_det_dataset, img2label_paths

@@ -101,8 +101,8 @@ def test_markdown_csv_and_plots(results):
     out = run_report(_cfg(results))
     report = results / "report"
     md = (report / "report.md").read_text()
-    assert "| run_id | stage | from | pth | kept_params_ratio |" in md
-    assert "| engine-20261123T100008-ab08 | engine | export-20261123T100007-ab07 | 0.5 | 0.300 | 900,000 |" in md
+    assert "| run_id | stage | from | pth | imgsz | kept_params_ratio |" in md
+    assert "| engine-20261123T100008-ab08 | engine | export-20261123T100007-ab07 | 0.5 | - | 0.300 | 900,000 |" in md
     assert "## Failed runs" in md and "ValueError: loss is NaN" in md
     assert "## Warnings" in md and "fell to 0.05 after pruning" in md
     assert "## Lineage" in md and "(pth=0.5, mAP50-95 0.0500)" in md
@@ -222,3 +222,10 @@ def test_pruned_rows_are_compared_with_the_equal_budget_control(tmp_path):
     assert by[("pruned", "retrain")]["mAP50_95_vs_control"] == pytest.approx(0.43 - 0.45)
     assert by[("control", "engine")]["speedup_vs_control"] == pytest.approx(1.0)
     assert "mAP50-95 - control" in (m.root / "report" / "report.md").read_text()
+
+
+def test_imgsz_column_shows_the_size_the_figures_are_at():
+    from stages.report import _imgsz
+
+    assert _imgsz(320) == "320" and _imgsz([320, 320]) == "320" and _imgsz([96, 128]) == "96x128"
+    assert _imgsz(None) is None

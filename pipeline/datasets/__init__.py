@@ -27,6 +27,7 @@ from filelock import FileLock
 from pipeline.datasets.build import REPORT_JSON, convert, write_report
 from pipeline.datasets.fs import RESULTS_MARKER, listing_hash
 from pipeline.manifest import atomic_write_text
+from pipeline.yolo_env import DETAIL
 
 # Bump when the converter's output or the synthetic generator changes: old copies are rebuilt.
 LAYOUT_VERSION = 1
@@ -90,13 +91,33 @@ def _intact(root: Path, log: logging.Logger) -> dict[str, Any] | None:
     return report
 
 
-def _point_yaml_at(root: Path) -> None:
-    """Rewrite data.yaml's absolute `path` when the results folder was moved."""
+def _refresh_yaml(root: Path) -> None:
+    """Rewrite data.yaml's absolute `path` when the results folder was moved, and its `content_sha256`
+    when the copy's labels or images changed."""
     data_yaml = root / "data.yaml"
     data = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
-    if data.get("path") != str(root):
+    content = content_hash(root)
+    if data.get("path") != str(root) or data.get("content_sha256") != content:
         data["path"] = str(root)
+        data["content_sha256"] = content
         atomic_write_text(data_yaml, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def content_hash(root: Path) -> str:
+    """sha256 of a converted copy's label files (names and bytes) and image list (names and sizes).
+
+    data.yaml carries it (`content_sha256`), and data.yaml is the dataset artifact whose sha256
+    enters every stage's config_hash: a label edited in the copy is a new dataset, not a reuse.
+    """
+    digest = hashlib.sha256()
+    for kind in ("labels", "images"):
+        for path in sorted((root / kind).rglob("*")):
+            if not path.is_file() or (kind == "labels" and path.suffix != ".txt"):
+                continue  # Ultralytics' labels/*.cache files come and go with its own runs
+            rel = path.relative_to(root).as_posix()
+            body = path.read_bytes() if kind == "labels" else str(path.stat().st_size).encode()
+            digest.update(f"{rel}\0{len(body)}\0".encode("utf-8", "surrogateescape") + body)
+    return digest.hexdigest()
 
 
 def _build_synthetic(tmp: Path, final: Path, name: str, seed: int, config: dict[str, Any],
@@ -151,9 +172,9 @@ def prepare(cfg_dataset: Any, results_dir: Path, seed: int, log: logging.Logger)
 
     with FileLock(str(datasets_dir / f".{final.name}.lock")):
         report = _intact(final, log)
-        if report is not None:
-            _point_yaml_at(final)
-            log.info("dataset: reusing %s (source unchanged)", final)
+        reused = report is not None
+        if reused:
+            log.info("dataset: reusing %s (source unchanged)", final, extra=DETAIL)
         else:
             for stale in [final, *datasets_dir.glob(f".build-{final.name}-*")]:
                 shutil.rmtree(stale, ignore_errors=True)  # a half-built or damaged copy; we hold the lock
@@ -170,10 +191,11 @@ def prepare(cfg_dataset: Any, results_dir: Path, seed: int, log: logging.Logger)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-    return _info(final, report, log)
+        _refresh_yaml(final)
+    return _info(final, report, log, reused=reused)
 
 
-def _info(root: Path, report: dict[str, Any], log: logging.Logger) -> DatasetInfo:
+def _info(root: Path, report: dict[str, Any], log: logging.Logger, reused: bool = False) -> DatasetInfo:
     counts = dict(report["images"])
     unlabeled = report.get("unlabeled_dir")
     unlabeled_dir = (root / unlabeled if not Path(unlabeled).is_absolute() else Path(unlabeled)) if unlabeled else None
@@ -183,7 +205,8 @@ def _info(root: Path, report: dict[str, Any], log: logging.Logger) -> DatasetInf
         counts["unlabeled"] = sum(1 for f in unlabeled_dir.iterdir() if is_image(f))
     log.info("dataset: %s: %s images, %d classes, %d boxes, %d defects fixed or dropped (report: %s)",
              report["name"], " / ".join(f"{k} {v}" for k, v in counts.items()), len(report["names"]),
-             report["boxes"]["total"], sum(report["defects"].values()), root / "validation_report.txt")
+             report["boxes"]["total"], sum(report["defects"].values()), root / "validation_report.txt",
+             extra=DETAIL if reused else None)  # every stage reuses it: the console says it once, when built
     return DatasetInfo(name=report["name"], root=root, data_yaml=root / "data.yaml", names=list(report["names"]),
                        counts=counts, defects=dict(report["defects"]), report_path=root / REPORT_JSON,
                        unlabeled_dir=unlabeled_dir if unlabeled_dir is not None and unlabeled_dir.is_dir() else None)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.datasets.boxes import clean_box, yolo_line
-from pipeline.datasets.defects import DEFECTS, DROPPED_BY_DESIGN, Defects
+from pipeline.datasets.defects import DEFECTS, DROPPED_BY_DESIGN, REJECTED_LABELS, Defects
 from pipeline.datasets.fs import printable, safe_stem
 from pipeline.datasets.images import inspect, write_image
 from pipeline.datasets.sources import SPLITS, Item, Source
@@ -127,6 +127,11 @@ def _process(job: _Job, source: Source, out: Path) -> _Outcome:
             continue
         lines.append(line)
         result.boxes[cls] += 1
+    rejected = sum(d.counts[k] for k in REJECTED_LABELS)
+    if not lines and rejected:
+        d.add("all_labels_rejected", f"{printable(item.key)}: {rejected} label(s) rejected")
+        result.boxes.clear()
+        return result
     try:
         write_image(item.image, out / "images" / job.split / f"{job.stem}{check.suffix(item.image)}", check)
     except (OSError, SyntaxError, ValueError) as exc:  # header was fine, the pixels are not

@@ -21,6 +21,7 @@ DEFECTS: dict[str, tuple[str, str]] = {
     "polygon_to_box": ("segmentation polygon in a detection label", "converted to its bounding box"),
     # label files
     "empty_label_file": ("label file without any line", "image kept as background"),
+    "all_labels_rejected": ("image whose every label line or box was rejected", "image skipped"),
     "image_without_label": ("image without a label file", "image kept as background"),
     "label_without_image": ("label file (or COCO annotation) without an image", "ignored"),
     "unreadable_label": ("label file that is not text", "image skipped"),
@@ -29,6 +30,7 @@ DEFECTS: dict[str, tuple[str, str]] = {
     "truncated_image": ("image file cut short", "image skipped"),
     "repaired_image": ("image with a missing end marker or trailing bytes that still decodes", "re-encoded"),
     "tiny_image": ("image smaller than 10 pixels on a side", "image skipped"),
+    "huge_image": ("image above 2**30 pixels, the most OpenCV's imread (training) reads", "image skipped"),
     "missing_image": ("image listed (train.txt, COCO, data.yaml list) but not on disk", "entry skipped"),
     "duplicate_image": ("the same image listed twice in one split", "second entry skipped"),
     "split_overlap": ("image in more than one split (inflates validation mAP)", "kept in each split"),
@@ -45,6 +47,13 @@ DEFECTS: dict[str, tuple[str, str]] = {
 }
 
 MAX_EXAMPLES = 10
+
+# Kinds that reject a label line or box: an image left without boxes by these alone is not a
+# background image (its objects are there, unlabelled) and is skipped as all_labels_rejected.
+REJECTED_LABELS = frozenset({
+    "zero_area_box", "box_outside_image", "class_out_of_range", "non_integer_class", "bad_column_count",
+    "non_numeric_value", "non_finite_value",
+})
 
 
 # Labels dropped on purpose, not defects: counted so the report adds up.

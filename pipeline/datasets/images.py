@@ -31,6 +31,9 @@ ULTRALYTICS_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif
 SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif",
                     "WEBP": ".webp", "JPEG2000": ".jp2"}
 MIN_SIDE = 10  # Ultralytics refuses images under 10 px on a side
+# OpenCV's imread refuses images above 2**30 pixels (CV_IO_MAX_IMAGE_PIXELS), and Ultralytics trains
+# from cv2.imread: such an image would pass PIL and kill training with a cv2 traceback.
+MAX_PIXELS = 2**30
 PAD_VALUE = 114  # Ultralytics' letterbox grey
 EXIF_ORIENTATION = 0x0112
 _PLAIN_MODES = frozenset({"RGB", "L", "RGBA", "LA"})
@@ -94,14 +97,16 @@ def _verifies(path: Path) -> str | None:
 
 
 def inspect(path: Path) -> ImageCheck:
-    """Size and fate of one image, reading only its header and last bytes when it is intact."""
+    """Displayed size and fate of one image, reading only its header and last bytes when it is intact."""
     try:
         if os.path.getsize(path) == 0:
             return ImageCheck(action="skip", defect="unreadable_image", detail="empty file")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
-                fmt, (w, h), mode = im.format or "", im.size, im.mode
+                # The displayed size (EXIF orientation applied): labels refer to it, as in
+                # Ultralytics' exif_size and in the boxes infer writes.
+                fmt, (w, h), mode = im.format or "", _oriented(im.size, _orientation(im)), im.mode
                 rawmode = im.tile[0].args if im.tile and isinstance(im.tile[0].args, str) else ""
     except Exception as exc:
         # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...; once ultralytics
@@ -111,6 +116,8 @@ def inspect(path: Path) -> ImageCheck:
     check = ImageCheck(width=w, height=h, format=fmt)
     if w < MIN_SIDE or h < MIN_SIDE:
         return ImageCheck(w, h, "skip", "tiny_image", f"{w}x{h} px", fmt)
+    if w * h > MAX_PIXELS:  # a header read: a 1.5 MB PNG may hold 40000x40000 px
+        return ImageCheck(w, h, "skip", "huge_image", f"{w}x{h} = {w * h:,} px > {MAX_PIXELS:,} px", fmt)
 
     if fmt in ("JPEG", "MPO"):
         intact = _tail(path, 2) == _JPEG_END

@@ -1,0 +1,36 @@
+"""A quiet console: Ultralytics' banner, its repeated requirement notes and its validation table only
+with verbose=true; the stage's start line and summary line always."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    """An untrained model of the synthetic dataset's classes as ONNX: evaluating it runs Ultralytics'
+    device banner and its onnxruntime requirement check, the two lines the quiet console leaves out."""
+    from ultralytics import YOLO
+
+    from pipeline.models import build_model, save_checkpoint
+
+    model = build_model("yolov8n", nc=3)
+    model.names = {0: "circle", 1: "square", 2: "triangle"}
+    pt = save_checkpoint(model, tmp_path_factory.mktemp("onnx") / "tiny.pt")
+    return YOLO(str(pt)).export(format="onnx", imgsz=64, dynamic=True, simplify=False)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_evaluate_console_is_quiet_unless_verbose(tiny_onnx, tmp_path, verbose):
+    proc = run_cli("experiment=smoke", "stage=evaluate", f"evaluate.input={tiny_onnx}", "evaluate.imgsz=64",
+                   f"results_dir={tmp_path / 'results'}", f"verbose={str(verbose).lower()}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "[evaluate] run evaluate-" in out and "[evaluate] succeeded: evaluate-" in out
+    noisy = ("Ultralytics 8.", "ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS", "mAP50-95)", "FutureWarning")
+    if verbose:
+        assert all(s in out for s in noisy[:3]), out[-3000:]
+    else:
+        assert not [s for s in noisy if s in out], out[-3000:]
+        assert "evaluate:" in out  # the progress bar stays, titled by the stage
