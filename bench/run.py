@@ -43,6 +43,7 @@ SECTIONS: dict[str, tuple[str, list[str], list[str]]] = {
     "cpu_engines": ("cpu_engines.py", ["--build", "--experiment", "default"],
                     ["--build", "--experiment", "smoke", "--imgsz", "160", "--calib-images", "16", "--no-map"]),
     "prune_compare": ("prune_compare.py", ["--build"], ["--build", "--override", "experiment=smoke", "--pth", "0.5"]),
+    "threads": ("threads.py", ["--repeats", "2", "--epochs", "2"], ["--experiment", "smoke", "--repeats", "1", "--epochs", "1"]),
     "gpu": ("gpu.py", [], []),
     "gpu_check": ("gpu_check.py", [], []),
 }

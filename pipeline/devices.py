@@ -28,7 +28,10 @@ log = logging.getLogger("pipeline")
 
 # A core counts as taken when other processes use at least this much of one over the window.
 TAKEN_CORE = 0.3
-FIRST_WINDOW_S = 0.2  # the first measurement's window (later ones use the time since the previous)
+FIRST_WINDOW_S = 0.2  # the shortest window of a first measurement (it counts from the meter's creation)
+# A later measurement over less than this keeps the previous answer: 10 ms clock ticks make a short
+# window read another process's full core as idle (measured: epoch 1 then ran on 2 threads beside a hog).
+MIN_WINDOW_S = 2.0
 
 
 def resolve_device(device: str | int | None) -> str:
@@ -78,33 +81,41 @@ def cpu_threads(threads: int) -> int:
 
 
 class CoreMeter:
-    """How many of this process's cores other processes leave free, from successive /proc/stat samples."""
+    """How many of this process's cores other processes leave free, from successive /proc/stat samples.
+
+    Create it early (before loading a model, building a trainer): the first answer then covers the
+    time since, without waiting; our own CPU time in the window is subtracted, so our work does not count.
+    """
 
     def __init__(self) -> None:
         self.cpus = _affinity()
         self._last = _sample(self.cpus)
         self.other_load: float | None = None  # cores' worth of CPU time used by other processes, last window
+        self._free: int | None = None
 
     def free_cores(self) -> int:
-        """Cores not busy with other work since the previous call (or over a short window on the first)."""
+        """Cores not busy with other work since the previous answer (or since the meter was made)."""
         n = cpu_count()
         if self._last is None or n == 1:
             return n  # no /proc/stat (not Linux): every core, as before
-        if self.other_load is None:
-            time.sleep(FIRST_WINDOW_S)
+        if self._free is None:
+            time.sleep(max(0.0, FIRST_WINDOW_S - (time.monotonic() - self._last[0])))
+        elif time.monotonic() - self._last[0] < MIN_WINDOW_S:
+            return self._free
         now = _sample(self.cpus)
         if now is None:
             return n
         wall, busy, own = (a - b for a, b in zip(now, self._last, strict=True))
         self._last = now
         if wall <= 0:
-            return n
+            return self._free or n
         self.other_load = max(0.0, busy - own) / wall
         taken = max(0, int(self.other_load + 1.0 - TAKEN_CORE))
-        free = max(1, n - taken)
-        if free < n:
-            log.info("CPU threads: %d of %d (other processes use %.2f cores)", free, n, self.other_load, extra=DETAIL)
-        return free
+        self._free = max(1, n - taken)
+        if self._free < n:
+            log.info("CPU threads: %d of %d (other processes use %.2f cores)", self._free, n, self.other_load,
+                     extra=DETAIL)
+        return self._free
 
 
 def _affinity() -> list[int]:

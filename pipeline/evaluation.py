@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 from pipeline import safe_load
-from pipeline.devices import threads_kept, use_cores
+from pipeline.devices import CoreMeter, threads_kept, use_cores
 from pipeline.errors import UserError
 from pipeline.imgsz import model_imgsz
 from pipeline.yolo_env import verbose
@@ -109,6 +109,7 @@ def evaluate(
         validator = _recorder_class()(save_dir=out, args=args)
         validator.data_names = names
         validator.cpu_threads = int(threads)  # read by _every_core (0 = the free cores, pipeline.devices)
+        validator.cpu_meter = CoreMeter()  # measures while the validator loads the model and data
         validator.add_callback("on_val_start", _every_core)
         with threads_kept():
             # A module is deep-copied by the validator (get_model) before AutoBackend fuses it.
@@ -127,7 +128,7 @@ def evaluate(
 def _every_core(validator: Any) -> None:
     """on_val_start (after the validator's select_device): a CPU evaluation computes on every core."""
     if getattr(validator.device, "type", None) == "cpu":
-        use_cores(getattr(validator, "cpu_threads", 0))
+        use_cores(getattr(validator, "cpu_threads", 0), getattr(validator, "cpu_meter", None))
 
 
 @functools.cache

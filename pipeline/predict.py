@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.datasets.fs import walk
 from pipeline.datasets.images import IMAGE_EXTENSIONS, displayed_size, letterbox, read_image
-from pipeline.devices import use_cores
+from pipeline.devices import CoreMeter, use_cores
 from pipeline.engines.common import fixed_batches
 from pipeline.errors import UserError
 
@@ -192,10 +192,8 @@ class Predictor:
         self.path = Path(model_path)
         self.batch, self.conf, self.iou, self.max_det = int(batch), float(conf), float(iou), int(max_det)
         self.workers, self.fast_decode = max(1, int(workers)), bool(fast_decode)
+        meter = CoreMeter()  # measures while the model loads (pipeline.devices)
         self.device = select_device(device, verbose=False)
-        if self.device.type == "cpu":
-            # Decoding runs on its own threads, which mostly wait on I/O and libjpeg (pipeline.devices).
-            use_cores(threads)
         trained_imgsz = None
         if self.path.suffix == ".pt":
             from pipeline.models import load_model
@@ -232,6 +230,9 @@ class Predictor:
         if self.format == "pt" and self.device.type == "cpu":
             self.memory_format = torch.channels_last
             self.backend.model.to(memory_format=self.memory_format)
+        if self.device.type == "cpu":
+            # Decoding runs on its own threads, which mostly wait on I/O and libjpeg (pipeline.devices).
+            use_cores(threads, meter)
 
     # -- model facts ---------------------------------------------------------------------------------
     def _input_spec(self) -> tuple[tuple[int, int] | None, int | None]:

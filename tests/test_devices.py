@@ -79,3 +79,18 @@ def test_the_real_sample_reads_this_machine():
     wall, busy, own = sample
     assert wall > 0 and busy >= 0 and own >= 0
     assert 1 <= devices.CoreMeter().free_cores() <= devices.cpu_count()
+
+
+def test_a_short_window_keeps_the_previous_answer(four_cores, monkeypatch):
+    """10 ms clock ticks cannot see a busy core in a few ms: under MIN_WINDOW_S the last answer stands."""
+    clock = [100.0]
+    monkeypatch.setattr(devices.time, "monotonic", lambda: clock[0])
+    samples = iter([(100.0, 0.0, 0.0), (101.0, 1.0, 0.0), (101.01, 1.0, 0.0), (104.0, 1.0, 0.0)])
+    monkeypatch.setattr(devices, "_sample", lambda cpus: next(samples))
+    meter = devices.CoreMeter()
+    clock[0] = 101.0
+    assert meter.free_cores() == 3  # one other core busy over the first second
+    clock[0] = 101.01
+    assert meter.free_cores() == 3  # 10 ms later: not re-measured (it would read 4)
+    clock[0] = 104.0
+    assert meter.free_cores() == 4  # a real window: the other process has stopped
