@@ -29,16 +29,12 @@ sys.path.insert(0, str(BENCH.parent))
 from _common import add_out, write  # noqa: E402
 
 from pipeline.devices import cpu_count  # noqa: E402
+from pipeline.engines.common import cpu_flags  # noqa: E402
 
 
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide kernels (AVX2, AVX-512 VNNI, BF16, AMX), from /proc/cpuinfo."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+def simd_flags() -> list[str]:
+    """The SIMD flags that decide kernels (AVX2, AVX-512 VNNI, BF16, AMX)."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 def pipeline(results: Path, *args: str) -> dict[str, Any]:
@@ -110,7 +106,7 @@ def main() -> None:
         table.append(f"| {r['workload']} | {r['condition']} | "
                      + " | ".join(f"{r['median_s'][s]:.2f}" for s in settings) + f" | {r['default_vs_best']:.3f} |")
     print("\n".join(table))
-    write(args.out, {"cpu_flags": cpu_flags(), "cores": n, "repeats": args.repeats, "epochs": args.epochs,
+    write(args.out, {"cpu_flags": simd_flags(), "cores": n, "repeats": args.repeats, "epochs": args.epochs,
                      "experiment": args.experiment, "rows": rows, "markdown": "\n".join(table),
                      "goal": "default within 10% of the best fixed choice in every row",
                      "goal_met": all(r["default_vs_best"] <= 1.10 for r in rows)})

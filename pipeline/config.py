@@ -173,7 +173,6 @@ class ExportConfig:
     dynamic: bool = True  # dynamic batch axis
     batch: int = 1  # fixed batch when dynamic=false
     half: bool = False  # FP16 weights
-    # QAT models: one INT8 scale per tensor group (Concat/Split/MaxPool/Resize, residual Add inputs)
     qdq_rules: bool = True  # QAT exports: QDQ placement rules so the INT8 graph fuses (docs/deploy.md)
     simplify: bool = True  # onnxslim graph simplification
     nms: bool = False  # put NMS inside the graph (standard ONNX NonMaxSuppression)
@@ -191,7 +190,6 @@ class EngineConfig:
     input: str | None = None  # ONNX model (default: newest export output)
     backend: str = "auto"  # auto | tensorrt | openvino | onnxruntime
     precision: str = "int8"  # fp32 | fp16 | int8
-    # OpenVINO: precision of the float parts (an fp32 IR, the INT8 IR's Detect decode), recorded with the IR
     float_precision: str = "f32"  # OpenVINO float parts: f32 | bf16 | f16 | auto (= the CPU's own pick, bf16 on BF16 CPUs)
     calib_dir: str | None = None  # calibration images (default: the training split; never random data)
     calib_images: int = 256  # images used for PTQ calibration

@@ -119,6 +119,7 @@ class CoreMeter:
 
 
 def _affinity() -> list[int]:
+    """The CPU ids this process may run on."""
     try:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -146,9 +147,4 @@ def _sample(cpus: list[int]) -> tuple[float, float, float] | None:
 
 def cpu_count() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
-    import os
-
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    return max(1, len(_affinity()))

@@ -423,12 +423,10 @@ def test_unique_keys():
 # -- resume, review below the threshold, errors ------------------------------------------------------
 
 
-def test_resume_after_failure(models, source, tmp_path, monkeypatch):
-    """A run killed after 4 images is resumed: 4 adopted, the rest labelled, same labels as a clean run."""
+def _crash_after_four_images(results, args, monkeypatch) -> None:
+    """An infer run that dies after writing the labels of 4 images (a failed record, a partial journal)."""
     import stages.infer as infer_stage
 
-    results = tmp_path / "r"
-    args = (f"infer.input={models['onnx']}", f"infer.source={source}", f"infer.imgsz={IMGSZ}", "infer.batch=2")
     real_write = infer_stage.Writer.write
     calls = {"n": 0}
 
@@ -442,6 +440,13 @@ def test_resume_after_failure(models, source, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         stage(results, *args)
     monkeypatch.setattr(infer_stage.Writer, "write", real_write)
+
+
+def test_resume_after_failure(models, source, tmp_path, monkeypatch):
+    """A run killed after 4 images is resumed: 4 adopted, the rest labelled, same labels as a clean run."""
+    results = tmp_path / "r"
+    args = (f"infer.input={models['onnx']}", f"infer.source={source}", f"infer.imgsz={IMGSZ}", "infer.batch=2")
+    _crash_after_four_images(results, args, monkeypatch)
     assert Manifest(results).runs()[-1]["status"] == "failed"
 
     resumed = stage(results, *args, "infer.resume=true")
@@ -461,23 +466,9 @@ def test_resume_after_failure(models, source, tmp_path, monkeypatch):
 
 def test_resume_relabels_an_image_replaced_since_the_failed_run(models, tmp_path, monkeypatch):
     """An image replaced between the crash and the resume (same name, other content) is labelled again."""
-    import stages.infer as infer_stage
-
     source, results = make_source(tmp_path / "src"), tmp_path / "r"
     args = (f"infer.input={models['onnx']}", f"infer.source={source}", f"infer.imgsz={IMGSZ}", "infer.batch=2")
-    real_write = infer_stage.Writer.write
-    calls = {"n": 0}
-
-    def dying_write(self, pred, names):
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash")
-        calls["n"] += 1
-        real_write(self, pred, names)
-
-    monkeypatch.setattr(infer_stage.Writer, "write", dying_write)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        stage(results, *args)
-    monkeypatch.setattr(infer_stage.Writer, "write", real_write)
+    _crash_after_four_images(results, args, monkeypatch)
     failed = Manifest(results).runs()[-1]
     journalled = [json.loads(line) for line in (Manifest(results).abs(failed["run_dir"]) / "detections.jsonl")
                   .read_text().splitlines()]

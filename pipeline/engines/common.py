@@ -239,8 +239,14 @@ def cpu_has_vnni() -> bool | None:
     which saturates for large values: measured on an AVX2-only CPU, OpenVINO ran a QAT model's
     QDQ graph (symmetric INT8 activations, shifted to u8 + 128) 11% off its true output.
     """
+    flags = cpu_flags()
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) if flags else None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty when unknown)."""
     try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
