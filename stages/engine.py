@@ -17,16 +17,9 @@ import numpy as np
 
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
-from pipeline.engines import require_backend, select_backend
-from pipeline.engines.common import (
-    CalibrationSet,
-    cpu_has_vnni,
-    cpu_model,
-    fill_batch,
-    median_ms,
-    onnx_metadata,
-    qdq_nodes,
-)
+from pipeline.engines import BACKENDS, select_backend
+from pipeline.engines.backend import Backend, BuildSettings
+from pipeline.engines.common import CalibrationSet, fill_batch, onnx_metadata, qdq_nodes
 from pipeline.errors import UserError
 from pipeline.imgsz import hw, imgsz_of
 from pipeline.models import size_mb
@@ -40,7 +33,6 @@ from stages._shared import (
 )
 
 PARITY_IMAGES = 8  # validation images the engine is compared with its source ONNX on
-QDQ_TOLERANCE = 0.01  # mean relative difference a QDQ model may show between two INT8 runtimes
 
 
 def run(cfg: Any, ctx: StageContext) -> StageResult:
@@ -56,11 +48,10 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if size is None:
         raise UserError(f"{src} carries no input size in its metadata; export it with stage=export")
     imgsz = hw(size)
-    backend, why = select_backend(str(e.backend))
-    ctx.log.info("engine: backend %s (%s)", backend, why)
-    if backend == "onnxruntime" and e.precision == "fp16" and not qdq:
-        raise UserError("engine.precision=fp16 is not offered with engine.backend=onnxruntime (its CPU kernels run "
-                        "FP16 graphs slower than FP32); choose fp32 or int8, or engine.backend=openvino/tensorrt")
+    name, why = select_backend(str(e.backend))
+    backend = BACKENDS[name]
+    ctx.log.info("engine: backend %s (%s)", name, why)
+    backend.check(str(e.precision), qdq)
     if qdq and e.precision != "int8":
         ctx.warn(f"the input is a QAT model (QDQ ONNX): it runs as INT8 with its trained scales; "
                  f"engine.precision={e.precision} does not apply")
@@ -70,14 +61,13 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if (qdq or precision != "int8") and calib_dir_images(cfg) is not None:
         unused = "a QAT model (QDQ ONNX) runs with its trained scales" if qdq else f"engine.precision={precision}"
         ctx.warn(f"engine.calib_dir={e.calib_dir} is not used: {unused}, no calibration")
-    require_backend(backend, int8_ptq=precision == "int8" and not qdq)
+    backend.require(int8_ptq=precision == "int8" and not qdq)
     calib = calibration_set(cfg, ctx, imgsz) if precision == "int8" and not qdq else None
 
-    build = {"onnxruntime": _onnxruntime, "openvino": _openvino, "tensorrt": _tensorrt}[backend]
-    outputs, metrics = build(cfg, ctx, src, qdq, precision, calib, imgsz, meta)
+    outputs, metrics = deploy(cfg, ctx, backend, src, qdq, precision, calib, imgsz, meta)
     source = source_metrics(ctx)
     metrics = {
-        "backend": backend, "backend_reason": why, "precision": precision, "qdq_input": qdq, "imgsz": list(imgsz),
+        "backend": name, "backend_reason": why, "precision": precision, "qdq_input": qdq, "imgsz": list(imgsz),
         **{k: source[k] for k in ("params", "gflops") if source.get(k) is not None},  # carried from the export
         "size_mb": size_mb(outputs[0][1]), **metrics,
     }
@@ -85,9 +75,8 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         metrics.update(calibration_record(ctx, calib))
     executed = metrics.get("executed_precision")
     if executed and executed != precision:
-        hint = (" (it runs a QAT model's QDQ pairs as float fake-quantisation, no faster than FP32; "
-                "engine.backend=openvino executes them as INT8)" if qdq and backend == "onnxruntime" else "")
-        ctx.warn(f"engine.precision={precision} was asked for, but {backend} executes {executed} on this machine{hint}")
+        ctx.warn(f"engine.precision={precision} was asked for, but {name} executes {executed} on this machine"
+                 f"{backend.mismatch_hint(qdq)}")
     if "params" not in metrics:
         ctx.warn(f"params/gflops unknown: {src} was not produced by stage=export in this results_dir")
     if source.get("mAP50_95") is not None:
@@ -95,96 +84,43 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, metrics=metrics)
 
 
-def _onnxruntime(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str, calib: CalibrationSet | None,
-                 imgsz: tuple[int, int], meta: dict[str, Any]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    from pipeline.engines import onnxruntime as ortb
+def deploy(cfg: Any, ctx: StageContext, backend: Backend, src: Path, qdq: bool, precision: str,
+           calib: CalibrationSet | None, imgsz: tuple[int, int],
+           meta: dict[str, Any]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
+    """Build -> runner -> executed precision -> latency -> parity against ONNX Runtime -> evaluation, for any backend.
 
+    Returns the artifact's (role, path) outputs and the backend's part of the record.
+    """
     e = cfg.engine
     threads = cpu_threads(e.threads)
-    out = ctx.run_dir / "model.onnx"
-    metrics: dict[str, Any] = {}
-    if precision == "int8" and not qdq:
-        metrics.update(ortb.quantize_int8(src, out, calib, ctx.log))
-    else:
-        ortb.passthrough(src, out)
-    metrics.update(ortb.executed_precision(out))
-    sess = ortb.session(out, threads)
     batch, ref = _reference(ctx, src, imgsz, threads)
-    metrics.update(parity(ref, sess.run(None, {sess.get_inputs()[0].name: batch})[0]))
-    x = fill_batch(real_batch(ctx, imgsz, n=1), ortb.fixed_batch_of(sess))
-    name = sess.get_inputs()[0].name
-    metrics.update(latency_ms=median_ms(lambda: sess.run(None, {name: x}), int(e.latency_runs)),
-                   latency_threads=threads, cpu_model=cpu_model(), onnxruntime_version=_version("onnxruntime"))
-    if e.evaluate:
-        metrics.update(evaluate_artifact(cfg, ctx, out, imgsz))
-    return [("model", out)], metrics
-
-
-def _openvino(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str, calib: CalibrationSet | None,
-              imgsz: tuple[int, int], meta: dict[str, Any]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    from pipeline.engines import openvino as ovb
-
-    e = cfg.engine
-    threads = cpu_threads(e.threads)
-    folder = ctx.run_dir / "model_openvino_model"  # the *_openvino_model/ name is how AutoBackend recognises it
-    # The parity check compares OpenVINO with ONNX Runtime on the graph OpenVINO read (with the
-    # overflow fix: the 7-bit-weight one); the fix's own effect shows in mAP50_95 vs source_mAP50_95.
-    fixed = ctx.run_dir / "qdq_7bit_weights.onnx" if qdq and e.overflow_fix else None
-    metrics: dict[str, Any] = ovb.build(src, folder, precision, qdq, calib, meta, ctx.log, overflow_fix=fixed,
-                                        float_precision=str(e.float_precision))
+    built = backend.build(src, ctx.run_dir, precision, qdq, calib, BuildSettings(e, imgsz, meta, batch), ctx.log)
+    if built.reference is not None:  # the backend read another graph than src: parity is against that one
+        batch, ref = _reference(ctx, built.reference, imgsz, threads)
+        built.reference.unlink()
+    metrics: dict[str, Any] = dict(built.record)
     x = real_batch(ctx, imgsz, n=1)
-    compiled = ovb.compile_static(folder / "model.xml", x.shape, threads)
-    metrics.update(ovb.executed_precision(compiled))
-    batch, ref = _reference(ctx, fixed or src, imgsz, threads)
-    if fixed is not None:
-        fixed.unlink()
-    metrics.update(parity(ref, ovb.infer(ovb.compile_static(folder / "model.xml", batch.shape, threads), batch)))
-    metrics["cpu_int8_vnni"] = cpu_has_vnni()
-    if qdq and metrics["mean_rel_diff_vs_onnx"] > QDQ_TOLERANCE:
-        why = ("; this CPU has no VNNI and its INT8 kernels saturate: leave engine.overflow_fix=true"
-               if metrics["cpu_int8_vnni"] is False and not e.overflow_fix else "")
-        ctx.warn(f"OpenVINO's INT8 output is {metrics['mean_rel_diff_vs_onnx']:.1%} off the QAT model's own "
-                 f"(ONNX Runtime, same images){why}: compare mAP50_95 with source_mAP50_95")
-    metrics.update(latency_ms=median_ms(lambda: ovb.infer(compiled, x), int(e.latency_runs)),
-                   latency_threads=threads, cpu_model=cpu_model(), openvino_version=ovb.version())
-    if e.evaluate:
-        metrics.update(evaluate_artifact(cfg, ctx, folder, imgsz))
-    outputs = [("model", folder), ("ir_xml", folder / "model.xml"), ("ir_bin", folder / "model.bin")]
-    return outputs, metrics
-
-
-def _tensorrt(cfg: Any, ctx: StageContext, src: Path, qdq: bool, precision: str, calib: CalibrationSet | None,
-              imgsz: tuple[int, int], meta: dict[str, Any]) -> tuple[list[tuple[str, Path]], dict[str, Any]]:
-    from pipeline.engines import tensorrt as trtb
-
-    e = cfg.engine
-    threads = cpu_threads(e.threads)
-    out = ctx.run_dir / "model.engine"
-    batch, ref = _reference(ctx, src, imgsz, threads)
-    info = trtb.build(src, out, precision, qdq, calib, e, imgsz, meta, ctx.log, sample=batch)
-    trtb.check_compatible(out)
-    outputs: list[tuple[str, Path]] = [("model", out), ("sidecar", info.pop("sidecar")),
-                                       ("timing_cache", info.pop("timing_cache"))]
-    qdq_onnx = info.pop("qdq_onnx")
-    if qdq_onnx is not None:  # the PTQ result: the QDQ ONNX TensorRT was given, kept for other targets
-        outputs.append(("qdq_onnx", qdq_onnx))
-    info["built_onnx"] = info.pop("built_onnx").name
-    metrics: dict[str, Any] = dict(info)
-    runner = trtb.Runner(out)
-    x = fill_batch(real_batch(ctx, imgsz, n=1), runner.fixed_batch)
-    metrics["latency_ms"] = trtb.latency_ms(runner, x, int(e.latency_runs))
+    runner = backend.runner(built, tuple(x.shape), threads)
+    metrics.update(backend.executed_precision(built, runner))
+    metrics["latency_ms"] = runner.latency_ms(fill_batch(x, runner.fixed_batch), int(e.latency_runs))
     if metrics["latency_ms"] is None:
-        ctx.warn("GPU latency and parity not measured: the engine's outputs have data-dependent shapes")
+        ctx.warn(f"{backend.label} latency and parity not measured: the engine's outputs have data-dependent shapes")
     else:
         metrics.update(parity(ref, runner(batch)))
-    device = ctx.device if ctx.device != "cpu" else "0"
+    metrics.update(backend.facts(threads))
+    for warning in backend.review(metrics, qdq, e):
+        ctx.warn(warning)
     if e.evaluate:
-        eval_batch = trtb.evaluation_batch(int(cfg.evaluate.batch), info["profile"])
-        if eval_batch < int(cfg.evaluate.batch):
-            ctx.log.info("evaluating the engine at batch %d (evaluate.batch=%s is above engine.max_batch)",
-                         eval_batch, cfg.evaluate.batch)
-        metrics.update(evaluate_artifact(cfg, ctx, out, imgsz, device=device, batch=eval_batch), eval_batch=eval_batch)
-    return outputs, metrics
+        requested = int(cfg.evaluate.batch)
+        eval_batch = backend.evaluation_batch(built, requested)
+        if eval_batch is not None and eval_batch < requested:
+            ctx.log.info("evaluating the engine at batch %d (evaluate.batch=%s is above what the engine takes)",
+                         eval_batch, requested)
+        device = (ctx.device if ctx.device != "cpu" else "0") if backend.device == "cuda" else "cpu"
+        metrics.update(evaluate_artifact(cfg, ctx, built.artifact, imgsz, device=device, batch=eval_batch))
+        if eval_batch is not None:
+            metrics["eval_batch"] = eval_batch
+    return built.outputs, metrics
 
 
 def _reference(ctx: StageContext, src: Path, imgsz: tuple[int, int], threads: int) -> tuple[np.ndarray, np.ndarray]:
@@ -201,9 +137,3 @@ def parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     diff = np.abs(got.astype(np.float32) - ref.astype(np.float32))
     return {"max_abs_diff_vs_onnx": float(diff.max()),
             "mean_rel_diff_vs_onnx": round(float(diff.mean() / max(float(np.abs(ref).mean()), 1e-12)), 6)}
-
-
-def _version(module: str) -> str:
-    import importlib
-
-    return str(importlib.import_module(module).__version__)

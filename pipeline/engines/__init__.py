@@ -1,9 +1,21 @@
 """Deployment backends for the engine stage: TensorRT (GPUs), OpenVINO (x86 CPUs), ONNX Runtime (anywhere).
 
-Each backend module imports its runtime lazily, so the package imports without any of them.
+Each backend implements `pipeline.engines.backend.Backend` and is registered in BACKENDS under its
+engine.backend value. Each backend module imports its runtime lazily, so the package imports
+without any of them.
 """
 
 from __future__ import annotations
+
+from pipeline.engines.backend import Backend
+from pipeline.engines.onnxruntime import OnnxRuntimeBackend
+from pipeline.engines.openvino import OpenVINOBackend
+from pipeline.engines.tensorrt import TensorRTBackend
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TensorRTBackend(), OpenVINOBackend(), OnnxRuntimeBackend())}
+# engine.backend=auto takes the first that is available; the last is the fallback, taken regardless
+# (its `require` then says how to install it).
+AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")
 
 
 def select_backend(requested: str) -> tuple[str, str]:
@@ -11,27 +23,15 @@ def select_backend(requested: str) -> tuple[str, str]:
     else OpenVINO when it imports, else ONNX Runtime."""
     if requested != "auto":
         return requested, f"engine.backend={requested}"
-    from pipeline.engines import openvino, tensorrt
-
-    ok, why = tensorrt.available()
-    if ok:
-        return "tensorrt", f"auto: {why}"
-    if openvino.available():
-        return "openvino", f"auto: not TensorRT ({why}); OpenVINO imports (the fast CPU runtime)"
-    return "onnxruntime", f"auto: not TensorRT ({why}); OpenVINO does not import; ONNX Runtime is the portable fallback"
+    skipped = []
+    for name in AUTO_ORDER[:-1]:
+        ok, why = BACKENDS[name].available()
+        if ok:
+            return name, f"auto: {'; '.join([*skipped, why])}"
+        skipped.append(f"not {BACKENDS[name].label} ({why})")
+    return AUTO_ORDER[-1], f"auto: {'; '.join(skipped)}; {BACKENDS[AUTO_ORDER[-1]].label} is the portable fallback"
 
 
 def require_backend(backend: str, int8_ptq: bool) -> None:
     """Fail before any work (UserError, exit 2) when the chosen backend's runtime is missing."""
-    if backend == "tensorrt":
-        from pipeline.engines.tensorrt import require as require_tensorrt
-
-        require_tensorrt()
-    elif backend == "openvino":
-        from pipeline.engines.openvino import require_openvino
-
-        require_openvino(int8=int8_ptq)
-    else:
-        from pipeline.engines.onnxruntime import require_onnxruntime
-
-        require_onnxruntime()
+    BACKENDS[backend].require(int8_ptq)

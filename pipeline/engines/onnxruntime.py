@@ -14,8 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.common import CalibrationSet, decode_layer, fixed_batches, keep_float
-from pipeline.errors import require
+from pipeline.engines.backend import Backend, BuildSettings, Built
+from pipeline.engines.common import (
+    CalibrationSet,
+    cpu_model,
+    decode_layer,
+    fixed_batches,
+    keep_float,
+    median_ms,
+)
+from pipeline.errors import UserError, require
 from pipeline.manifest import atomic_write_bytes
 
 # Op types that compute in integer arithmetic once ONNX Runtime has fused a QDQ graph.
@@ -127,3 +135,66 @@ def executed_precision(path: str | Path, threads: int = 1) -> dict[str, Any]:
     total = int8 + sum(ops[o] for o in FLOAT_COMPUTE_OPS)
     precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     return {"executed_precision": precision, "int8_layers": int8, "compute_layers": total}
+
+
+class _SessionRunner:
+    """An ONNX Runtime session as a backend Runner: the whole batch in one call, as the graph takes it."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.sess = session(path, threads)
+        self.name = self.sess.get_inputs()[0].name
+        self.fixed_batch = fixed_batch_of(self.sess)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {self.name: x})[0]
+
+    def latency_ms(self, x: np.ndarray, runs: int) -> float | None:
+        return median_ms(lambda: self.sess.run(None, {self.name: x}), runs)
+
+
+class OnnxRuntimeBackend(Backend):
+    """engine.backend=onnxruntime: the ONNX itself (fp32, QAT QDQ) or its static INT8 QDQ quantisation."""
+
+    name = "onnxruntime"
+    label = "ONNX Runtime"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return False, f"onnxruntime does not import ({exc})"
+        return True, "ONNX Runtime imports"
+
+    def require(self, int8_ptq: bool) -> None:
+        require_onnxruntime()
+
+    def check(self, precision: str, qdq: bool) -> None:
+        if precision == "fp16" and not qdq:
+            raise UserError("engine.precision=fp16 is not offered with engine.backend=onnxruntime (its CPU kernels run "
+                            "FP16 graphs slower than FP32); choose fp32 or int8, or engine.backend=openvino/tensorrt")
+
+    def build(self, src: Path, out_dir: Path, precision: str, qdq: bool, calib: CalibrationSet | None,
+              settings: BuildSettings, log: Any) -> Built:
+        out = out_dir / "model.onnx"
+        record: dict[str, Any] = {}
+        if precision == "int8" and not qdq:
+            if calib is None:
+                raise ValueError("int8 needs a calibration set")
+            record.update(quantize_int8(src, out, calib, log))
+        else:
+            passthrough(src, out)
+        return Built(artifact=out, outputs=[("model", out)], record=record)
+
+    def runner(self, built: Built, shape: tuple[int, ...], threads: int) -> _SessionRunner:
+        return _SessionRunner(built.artifact, threads)
+
+    def executed_precision(self, built: Built, runner: Any) -> dict[str, Any]:
+        return executed_precision(built.artifact)
+
+    def facts(self, threads: int) -> dict[str, Any]:
+        return {"latency_threads": threads, "cpu_model": cpu_model(),
+                "onnxruntime_version": str(require_onnxruntime().__version__)}
+
+    def mismatch_hint(self, qdq: bool) -> str:
+        return (" (it runs a QAT model's QDQ pairs as float fake-quantisation, no faster than FP32; "
+                "engine.backend=openvino executes them as INT8)") if qdq else ""

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engines.common import CalibrationSet, decode_layer, keep_float
+from pipeline.engines.backend import Backend, BuildSettings, Built
+from pipeline.engines.common import (
+    CalibrationSet,
+    cpu_has_vnni,
+    cpu_model,
+    decode_layer,
+    keep_float,
+    median_ms,
+)
 from pipeline.errors import require
 from pipeline.manifest import atomic_write_text
 
@@ -40,6 +48,7 @@ COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConn
 _NOT_OPS = ("Parameter", "Result", "Constant")
 # engine.float_precision -> OpenVINO's INFERENCE_PRECISION_HINT; "auto" leaves the runtime's choice.
 FLOAT_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "auto": None}
+QDQ_TOLERANCE = 0.01  # mean relative difference a QDQ model may show between two INT8 runtimes
 
 
 def require_openvino(int8: bool = False) -> Any:
@@ -288,3 +297,73 @@ def executed_precision(compiled: Any) -> dict[str, Any]:
     return {"executed_precision": precision, "int8_layers": int8, "compute_layers": sum(counts.values()),
             "runtime_precisions": dict(counts), "ops_by_precision": dict(ops), "reorders": reorders,
             "inference_precision_hint": compiled.get_property("INFERENCE_PRECISION_HINT").to_string()}
+
+
+class _CompiledRunner:
+    """An IR compiled for each input shape it is given (first the latency batch's), as a backend Runner."""
+
+    fixed_batch = None  # the IR is reshaped to whatever batch it is given
+
+    def __init__(self, xml: Path, shape: tuple[int, ...], threads: int) -> None:
+        self.xml, self.shape, self.threads = xml, tuple(shape), threads
+        self._compiled: dict[tuple[int, ...], Any] = {}
+        self.compiled(self.shape)
+
+    def compiled(self, shape: tuple[int, ...]) -> Any:
+        shape = tuple(int(d) for d in shape)
+        if shape not in self._compiled:
+            self._compiled[shape] = compile_static(self.xml, shape, self.threads)
+        return self._compiled[shape]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return infer(self.compiled(x.shape), x)
+
+    def latency_ms(self, x: np.ndarray, runs: int) -> float | None:
+        compiled = self.compiled(x.shape)
+        return median_ms(lambda: infer(compiled, x), runs)
+
+
+class OpenVINOBackend(Backend):
+    """engine.backend=openvino: an IR folder (QAT scales as INT8, NNCF PTQ, fp16 or fp32 weights)."""
+
+    name = "openvino"
+    label = "OpenVINO"
+
+    def available(self) -> tuple[bool, str]:
+        if available():
+            return True, "OpenVINO imports (the fast CPU runtime)"
+        return False, "OpenVINO does not import"
+
+    def require(self, int8_ptq: bool) -> None:
+        require_openvino(int8=int8_ptq)
+
+    def build(self, src: Path, out_dir: Path, precision: str, qdq: bool, calib: CalibrationSet | None,
+              settings: BuildSettings, log: Any) -> Built:
+        e = settings.engine
+        folder = out_dir / "model_openvino_model"  # the *_openvino_model/ name is how AutoBackend recognises it
+        # The parity check compares OpenVINO with ONNX Runtime on the graph OpenVINO read (with the
+        # overflow fix: the 7-bit-weight one); the fix's own effect shows in mAP50_95 vs source_mAP50_95.
+        fixed = out_dir / "qdq_7bit_weights.onnx" if qdq and e.overflow_fix else None
+        record = build(src, folder, precision, qdq, calib, settings.meta, log, overflow_fix=fixed,
+                       float_precision=str(e.float_precision))
+        outputs = [("model", folder), ("ir_xml", folder / "model.xml"), ("ir_bin", folder / "model.bin")]
+        return Built(artifact=folder, outputs=outputs, record=record, reference=fixed)
+
+    def runner(self, built: Built, shape: tuple[int, ...], threads: int) -> _CompiledRunner:
+        return _CompiledRunner(built.artifact / "model.xml", shape, threads)
+
+    def executed_precision(self, built: Built, runner: Any) -> dict[str, Any]:
+        return executed_precision(runner.compiled(runner.shape))
+
+    def facts(self, threads: int) -> dict[str, Any]:
+        return {"cpu_int8_vnni": cpu_has_vnni(), "latency_threads": threads, "cpu_model": cpu_model(),
+                "openvino_version": version()}
+
+    def review(self, record: dict[str, Any], qdq: bool, engine: Any) -> list[str]:
+        diff = record.get("mean_rel_diff_vs_onnx")
+        if not qdq or diff is None or diff <= QDQ_TOLERANCE:
+            return []
+        why = ("; this CPU has no VNNI and its INT8 kernels saturate: leave engine.overflow_fix=true"
+               if record.get("cpu_int8_vnni") is False and not engine.overflow_fix else "")
+        return [f"OpenVINO's INT8 output is {diff:.1%} off the QAT model's own (ONNX Runtime, same images){why}: "
+                "compare mAP50_95 with source_mAP50_95"]

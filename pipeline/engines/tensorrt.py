@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.engines.backend import Backend, BuildSettings, Built
 from pipeline.engines.common import CalibrationSet, decode_layer, keep_float, median_ms
 from pipeline.errors import UserError
 from pipeline.manifest import atomic_write_bytes, atomic_write_text
@@ -435,9 +436,51 @@ class Runner:
             parts.append(self.buffers[self.outputs[0]].float().cpu().numpy())
         return np.concatenate(parts)
 
+    def latency_ms(self, x: np.ndarray, runs: int) -> float | None:
+        """`latency_ms(self, x, runs)`: the backend Runner's timing."""
+        return latency_ms(self, x, runs)
+
 
 def latency_ms(runner: Runner, x: np.ndarray, runs: int) -> float | None:
     """Median GPU time of one inference on batch `x` (None when an output has a data-dependent shape)."""
     if not runner.bind(x):
         return None
     return median_ms(runner.enqueue, runs)
+
+
+class TensorRTBackend(Backend):
+    """engine.backend=tensorrt: a .engine for this GPU and TensorRT version (explicit quantisation only)."""
+
+    name = "tensorrt"
+    label = "TensorRT"
+    device = "cuda"
+
+    def available(self) -> tuple[bool, str]:
+        return available()
+
+    def require(self, int8_ptq: bool) -> None:
+        require()
+
+    def build(self, src: Path, out_dir: Path, precision: str, qdq: bool, calib: CalibrationSet | None,
+              settings: BuildSettings, log: Any) -> Built:
+        out = out_dir / "model.engine"
+        info = build(src, out, precision, qdq, calib, settings.engine, settings.imgsz, settings.meta, log,
+                     sample=settings.sample)
+        check_compatible(out)
+        outputs: list[tuple[str, Path]] = [("model", out), ("sidecar", info.pop("sidecar")),
+                                           ("timing_cache", info.pop("timing_cache"))]
+        qdq_onnx = info.pop("qdq_onnx")
+        if qdq_onnx is not None:  # the PTQ result: the QDQ ONNX TensorRT was given, kept for other targets
+            outputs.append(("qdq_onnx", qdq_onnx))
+        info["built_onnx"] = info.pop("built_onnx").name
+        return Built(artifact=out, outputs=outputs, record=info)
+
+    def runner(self, built: Built, shape: tuple[int, ...], threads: int) -> Runner:
+        return Runner(built.artifact)
+
+    def executed_precision(self, built: Built, runner: Any) -> dict[str, Any]:
+        # Read back by the engine inspector at build time (`build`), already in the build record.
+        return {k: built.record[k] for k in ("executed_precision", "int8_layers", "compute_layers", "layer_precision")}
+
+    def evaluation_batch(self, built: Built, requested: int) -> int | None:
+        return evaluation_batch(requested, built.record["profile"])
