@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from test_export import _onnx_of, float_export, qat_export, qat_pt, stage  # noqa: F401 (fixtures)
 
-from pipeline.engines import onnx_ptq
+from pipeline.engines import BACKENDS, onnx_ptq
 from pipeline.engines import tensorrt as trtb
 from pipeline.engines.common import (
     CalibrationSet,
@@ -139,7 +139,7 @@ def test_evaluate_clamps_its_batch_to_an_engine_profile(monkeypatch, tmp_path, t
 
 
 def test_engine_stage_evaluates_at_the_clamped_batch(monkeypatch, tmp_path):
-    """stages/engine.py's TensorRT step hands the evaluator the profile's max batch, not evaluate.batch."""
+    """The engine stage, driving the TensorRT backend, hands the evaluator the profile's max batch, not evaluate.batch."""
     import stages.engine as stage_mod
 
     cfg = OmegaConf.create({"engine": {"threads": 1, "latency_runs": 1, "evaluate": True},
@@ -147,19 +147,21 @@ def test_engine_stage_evaluates_at_the_clamped_batch(monkeypatch, tmp_path):
     batch = np.zeros((8, 3, 64, 64), np.float32)
     profile = {"min": [1, 3, 32, 32], "opt": [1, 3, 64, 64], "max": [8, 3, 96, 96]}
     built = {"sidecar": tmp_path / "m.json", "timing_cache": tmp_path / "m.timing.cache", "qdq_onnx": None,
-             "built_onnx": tmp_path / "m.fp16.onnx", "profile": profile, "typing": "strong"}
+             "built_onnx": tmp_path / "m.fp16.onnx", "profile": profile, "typing": "strong",
+             "executed_precision": "fp16", "int8_layers": 0, "compute_layers": 3, "layer_precision": {"fp16": 3}}
     runner = MagicMock(fixed_batch=None, return_value=batch)
+    runner.latency_ms.return_value = 1.5
     monkeypatch.setattr(stage_mod, "_reference", lambda *a: (batch, batch))
     monkeypatch.setattr(stage_mod, "real_batch", lambda ctx, imgsz, n: batch[:n])
     monkeypatch.setattr(trtb, "build", lambda *a, **k: dict(built))
     monkeypatch.setattr(trtb, "check_compatible", lambda path: None)
     monkeypatch.setattr(trtb, "Runner", lambda path: runner)
-    monkeypatch.setattr(trtb, "latency_ms", lambda r, x, runs: 1.5)
     seen = {}
     monkeypatch.setattr(stage_mod, "evaluate_artifact",
                         lambda cfg, ctx, path, imgsz, device, batch: seen.update(batch=batch) or {"mAP50_95": 0.5})
     ctx = SimpleNamespace(run_dir=tmp_path, log=log, warn=log.warning, device="0")
-    outputs, metrics = stage_mod._tensorrt(cfg, ctx, tmp_path / "m.onnx", False, "fp16", None, (64, 64), {})
+    outputs, metrics = stage_mod.deploy(cfg, ctx, BACKENDS["tensorrt"], tmp_path / "m.onnx", False, "fp16", None,
+                                        (64, 64), {})
     assert seen["batch"] == 8 and metrics["eval_batch"] == 8
     assert metrics["max_abs_diff_vs_onnx"] == 0.0 and metrics["typing"] == "strong"
     assert [r for r, _ in outputs] == ["model", "sidecar", "timing_cache"]
