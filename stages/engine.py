@@ -5,7 +5,8 @@ Runtime, and logs which and why. A QAT (QDQ) ONNX always runs as INT8 with its t
 float ONNX is built at engine.precision, INT8 calibrated on real images (engine.calib_dir or the
 training split, never random data) with the Detect decode kept in float. Every engine is measured
 as itself: mAP through the pipeline's evaluator, median batch-1 latency, size, and the precision
-the runtime actually executes, read back from it.
+the runtime actually executes, read back from it. Every backend is driven the same way, through
+the interface in pipeline/engines/backend.py (`deploy`); the registry is pipeline.engines.BACKENDS.
 """
 
 from __future__ import annotations
