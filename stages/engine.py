@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
-from pipeline.engines import BACKENDS, select_backend
+from pipeline.engines import BACKENDS, require_backend, select_backend
 from pipeline.engines.backend import Backend, BuildSettings
 from pipeline.engines.common import CalibrationSet, fill_batch, onnx_metadata, qdq_nodes
 from pipeline.errors import UserError
@@ -62,7 +62,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if (qdq or precision != "int8") and calib_dir_images(cfg) is not None:
         unused = "a QAT model (QDQ ONNX) runs with its trained scales" if qdq else f"engine.precision={precision}"
         ctx.warn(f"engine.calib_dir={e.calib_dir} is not used: {unused}, no calibration")
-    backend.require(int8_ptq=precision == "int8" and not qdq)
+    require_backend(name, int8_ptq=precision == "int8" and not qdq)
     calib = calibration_set(cfg, ctx, imgsz) if precision == "int8" and not qdq else None
 
     outputs, metrics = deploy(cfg, ctx, backend, src, qdq, precision, calib, imgsz, meta)
