@@ -240,3 +240,10 @@ def test_auto_walks_the_registry_in_order(monkeypatch, usable, chosen, reason):
     assert select_backend("openvino") == ("openvino", "engine.backend=openvino")
     with pytest.raises(UserError, match="engine.backend=onnxruntime: ONNX Runtime absent"):
         require_backend("onnxruntime", int8_ptq=False)
+
+
+def test_engine_backend_choices_are_the_registry():
+    """`engine.backend=` accepts exactly auto and the registered backends (a new row is a new choice)."""
+    from pipeline.config import _CHOICES, EngineConfig
+
+    assert set(_CHOICES[EngineConfig]["backend"]) == {"auto", *BACKENDS}
