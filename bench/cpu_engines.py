@@ -182,7 +182,7 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
         {"name": BASELINE, "kind": "baseline", "runtime": "onnxruntime", "precision": "FP32",
          "path": ultralytics_export(found["unpruned"], work / "u_onnx", format="onnx", imgsz=imgsz)},
         {"name": VENDOR, "kind": "vendor", "runtime": "openvino",
-         "path": ultralytics_export(found["unpruned"], work / "u_ov", format="openvino", int8=True, imgsz=imgsz,
+         "path": ultralytics_export(found["unpruned"], work / "u_ov", format="openvino", quantize=8, imgsz=imgsz,
                                     data=str(data))},
     ]
     if isinstance(qat_onnx, Path):
