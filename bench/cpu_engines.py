@@ -103,7 +103,6 @@ def discover(results: Path) -> dict[str, Any]:
         sys.exit(f"{results} has no succeeded train run; run the chain first (or use --build)")
     train = trains[-1]
     lineages: dict[str, dict[str, Any]] = {}
-    baseline_export: Record | None = None
     for record in runs:
         if record["status"] != "succeeded" or record["stage"] not in ("export", "engine"):
             continue
@@ -112,8 +111,7 @@ def discover(results: Path) -> dict[str, Any]:
             continue
         by_stage = {r["stage"]: r for r in chain}
         kind = _kind(chain)
-        if kind == "unpruned":
-            baseline_export = record if record["stage"] == "export" else baseline_export
+        if kind == "unpruned":  # the unpruned FP32 ONNX: its row is exported here at every size
             continue
         retrain = by_stage["retrain"]
         entry = lineages.setdefault(retrain["run_id"], {"kind": kind, "retrain": retrain, "prune": by_stage.get("prune")})
@@ -127,7 +125,7 @@ def discover(results: Path) -> dict[str, Any]:
         lin["qdq"] = manifest.output_of(lin["export"]) if "export" in lin else None
     data = next(e for e in train["inputs"] if e["role"] == "dataset")
     return {"manifest": manifest, "train": train, "unpruned": manifest.output_of(train),
-            "baseline_export": baseline_export, "data": manifest.abs(data["path"]),
+            "data": manifest.abs(data["path"]),
             "train_config": run_config(manifest, train), "control": control[-1] if control else None,
             "pruned": pruned}
 

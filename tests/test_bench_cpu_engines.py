@@ -84,7 +84,6 @@ def test_discover_tells_control_from_pruned_lineages(bench, results):
     threshold, latency = found["pruned"]
     assert threshold["engine_path"].is_dir() and threshold["float"].name == "float.pt"
     assert latency["engine_path"] is None and latency["qdq"].name == "model.bin"  # compiled from its export
-    assert found["baseline_export"]["stage"] == "export"
 
 
 def test_prune_labels_name_mode_and_setting(bench):
