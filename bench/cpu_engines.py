@@ -27,7 +27,6 @@ engine is at least as fast and as accurate as NNCF PTQ of the same model (docs/r
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import shlex
 import shutil
@@ -52,7 +51,6 @@ from pipeline.engines import openvino as ovb  # noqa: E402
 from pipeline.engines.common import (  # noqa: E402
     CalibrationSet,
     cpu_flags,
-    cpu_model,
     load_batch,
     onnx_metadata,
     pick,
@@ -188,8 +186,13 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
                      "path": compile_onnx(qat_onnx, work / "uq_openvino_model", True, None, log)})
     elif qat_onnx is not None:
         rows.append({"name": ULTRA_QAT, "kind": "ultralytics_qat", "absent": qat_onnx})
+    unpruned_params = found["train"]["metrics"].get("params")  # QAT and INT8 keep the parameter count
+    for row in rows:
+        if "absent" not in row:
+            row["params"] = unpruned_params
     lineages = ([found["control"]] if found["control"] else []) + found["pruned"]
     for i, lin in enumerate(lineages):
+        params = lin["retrain"]["metrics"].get("params")
         name = CONTROL if lin["kind"] == "control" else f"ours: {lin['label']}"
         if lin["engine_path"] is not None and Path(lin["engine_path"]).is_dir():
             path = lin["engine_path"]
@@ -199,11 +202,11 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
             rows.append({"name": name, "kind": lin["kind"], "absent": "lineage has neither an engine nor an export"})
             continue
         rows.append({"name": name, "kind": lin["kind"], "label": lin["label"], "runtime": "openvino", "path": path,
-                     "retrain_run": lin["retrain"]["run_id"]})
+                     "params": params, "retrain_run": lin["retrain"]["run_id"]})
         if lin["kind"] == "pruned" and lin["float"] is not None:
             pruned_onnx = ultralytics_export(lin["float"], work / f"l{i}_float", format="onnx", imgsz=imgsz, opset=17)
             rows.append({"name": f"ours without QAT: {lin['label']} NNCF PTQ", "kind": "ptq", "label": lin["label"],
-                         "runtime": "openvino", "retrain_run": lin["retrain"]["run_id"],
+                         "runtime": "openvino", "params": params, "retrain_run": lin["retrain"]["run_id"],
                          "path": compile_onnx(pruned_onnx, work / f"l{i}_ptq_openvino_model", False, calib, log)})
     return rows
 
@@ -249,7 +252,7 @@ def evaluate_rows(rows: list[dict[str, Any]], data: Path, imgsz: int) -> None:
 
     for row in rows:
         res = evaluate(str(row["path"]), data, split="val", imgsz=imgsz, batch=1, device="cpu")
-        row.update(mAP50=res["mAP50"], mAP50_95=res["mAP50_95"], params=res.get("params"))
+        row.update(mAP50=res["mAP50"], mAP50_95=res["mAP50_95"])
 
 
 def speedups(rows: list[dict[str, Any]]) -> None:
@@ -369,8 +372,8 @@ def main() -> None:
     sizes = args.imgsz or list(dict.fromkeys([int(trained), 640]))
     flags = cpu_flags()
     report: dict[str, Any] = {
-        "date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(), "cpu_model": cpu_model(),
-        "cpu_flags": sorted(f for f in FLAGS if f in flags), "load_average": list(os.getloadavg()),
+        # date, host, CPU model and load average come from _common.machine()
+        "cpu_flags": sorted(f for f in FLAGS if f in flags),
         "threads": args.threads, "batch": 1, "results_dir": str(results), "train_run": found["train"]["run_id"],
         "recipe": recipe(found),
         "versions": {m: __import__(m).__version__ for m in ("onnxruntime", "openvino", "ultralytics", "torch")},
