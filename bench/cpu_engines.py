@@ -169,7 +169,7 @@ def compile_onnx(onnx: Path, out: Path, qdq: bool, calib: CalibrationSet | None,
 
 
 def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
-          qat_onnx: Path | str | None) -> list[dict[str, Any]]:
+          qat_onnx: Path | str) -> list[dict[str, Any]]:
     """Every row's artifact at `imgsz` (see module docstring); rows that cannot be built say why."""
     data = found["data"]
     calib = CalibrationSet(pick(split_images(data, "train"), calib_images), (imgsz, imgsz), 8, f"train split of {data}")
@@ -184,7 +184,7 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
     if isinstance(qat_onnx, Path):
         rows.append({"name": ULTRA_QAT, "kind": "ultralytics_qat", "runtime": "openvino",
                      "path": compile_onnx(qat_onnx, work / "uq_openvino_model", True, None, log)})
-    elif qat_onnx is not None:
+    else:
         rows.append({"name": ULTRA_QAT, "kind": "ultralytics_qat", "absent": qat_onnx})
     unpruned_params = found["train"]["metrics"].get("params")  # QAT and INT8 keep the parameter count
     for row in rows:
@@ -380,7 +380,8 @@ def main() -> None:
         "sizes": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-cpu-engines-") as tmp:
-        qat = None if args.no_ultralytics_qat else ultralytics_qat(found, Path(tmp) / "ultralytics_qat")
+        qat = ("skipped (--no-ultralytics-qat)" if args.no_ultralytics_qat
+               else ultralytics_qat(found, Path(tmp) / "ultralytics_qat"))
         for imgsz in sizes:
             rows = build(found, imgsz, Path(tmp) / str(imgsz), args.calib_images, qat)
             timed = [r for r in rows if "absent" not in r]
