@@ -1,29 +1,34 @@
 """CPU engines side by side: is ours (pruned + QAT -> OpenVINO) ahead of what a user would do anyway?
 
-    .venv/bin/python bench/cpu_engines.py RESULTS_DIR [--imgsz 640 320] [--threads 2]
-    .venv/bin/python bench/cpu_engines.py --build [--experiment smoke]   # runs the chain first
+    .venv/bin/python bench/cpu_engines.py RESULTS_DIR [--imgsz 96 640] [--threads 2]
+    .venv/bin/python bench/cpu_engines.py --build [--experiment smoke] [--sweep "prune.pth=0.5" ...]
 
-RESULTS_DIR holds a chain's output (stage=all, or train ... retrain): the unpruned model is the
-newest train output, ours the newest retrain output (its QAT model and its float model). For every
-image size the script builds, in a scratch folder (the results dir is only read):
+RESULTS_DIR holds one or more `stage=all` chains (one trained model; every prune setting run into the
+same results dir adds a lineage, the train and control runs are reused). The results dir is only
+read; for every image size (default: the model's trained size and 640) the script builds, in a
+scratch folder, and times:
 
-  1. unpruned FP32 ONNX (`yolo export format=onnx`)          on ONNX Runtime   <- the baseline
-  2. unpruned INT8 (`yolo export format=openvino int8=True`) on OpenVINO       <- the vendor's best
-  3. ours: pruned FP32 ONNX                                   on ONNX Runtime
-  4. ours: pruned ORT static INT8                             on ONNX Runtime
-  5. ours: pruned + QAT QDQ ONNX -> OpenVINO IR (trained scales) on OpenVINO
-  6. ours: pruned FP32 -> OpenVINO INT8 by NNCF PTQ           on OpenVINO       (no-QAT reference)
+  - unpruned FP32 ONNX (`yolo export format=onnx`) on ONNX Runtime             <- the baseline
+  - the vendor's INT8 (`yolo export format=openvino int8=True`) on OpenVINO     <- what a user gets
+  - Ultralytics' own QAT (`train quantize=8`, our retrain's epoch budget), its QDQ ONNX compiled by
+    OpenVINO (`format=openvino` refuses QAT models); a row that says why when it cannot be built
+  - the control: the control lineage's engine (the unpruned model through the same retrain/engine)
+  - ours: every pruned lineage's engine, labelled with its prune mode and setting
+  - ours without QAT: the same lineage's pruned float model -> OpenVINO INT8 by NNCF PTQ
 
-then times them in ONE process, batch 1, fixed threads, in interleaved blocks (these machines are
-noisy: compare ratios, never numbers from different runs), median of >= 50 runs after warm-up,
-measures each artifact's own mAP50-95 on the validation split, and writes
-bench/results/<date>-<host>.json with `speedup_vs_unpruned_fp32_onnx` per row.
+in ONE process, batch 1, fixed threads, in interleaved blocks (these machines are noisy: compare
+ratios, never numbers from different runs), median of >= 50 runs after warm-up, with each artifact's
+own mAP50-95 on the validation split, its executed precision, and speedups vs the vendor, the
+unpruned FP32 ONNX and the control. The `goals` block says, per pruned lineage, whether it is
+>= 2x the vendor, >= 5x the FP32 ONNX, within 1 mAP50-95 point of the control, and whether its QAT
+engine is at least as fast and as accurate as NNCF PTQ of the same model (docs/report.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -38,42 +43,89 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from omegaconf import OmegaConf  # noqa: E402
+
 import pipeline  # noqa: E402,F401  (offline Ultralytics, OpenVINO telemetry blocked)
 from pipeline.engines import onnxruntime as ortb  # noqa: E402
 from pipeline.engines import openvino as ovb  # noqa: E402
-from pipeline.engines.common import CalibrationSet, cpu_model, load_batch, onnx_metadata, pick, split_images  # noqa: E402
-from pipeline.manifest import Manifest  # noqa: E402
+from pipeline.engines.common import (  # noqa: E402
+    CalibrationSet,
+    cpu_flags,
+    load_batch,
+    onnx_metadata,
+    pick,
+    split_images,
+)
+from pipeline.manifest import Manifest, Record  # noqa: E402
 from pipeline.models import size_mb  # noqa: E402
+from stages.report import _kind  # noqa: E402  (the report's own control-vs-pruned test)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_out, write  # noqa: E402,I001
+from _common import RESULTS, write  # noqa: E402,I001
+
+BASELINE, VENDOR, ULTRA_QAT, CONTROL = ("unpruned FP32 ONNX", "vendor: unpruned OpenVINO INT8",
+                                        "Ultralytics QAT (quantize=8) -> OpenVINO", "control engine")
+# The CPU features that decide what INT8 buys (VNNI / AMX) and what the float path runs (AVX-512).
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
 
 
-BASELINE = "unpruned FP32 ONNX"
-OURS = "ours: pruned+QAT -> OpenVINO"
+def run_config(manifest: Manifest, record: Record) -> dict[str, Any]:
+    """The resolved config a run was recorded with (its run folder's config.yaml)."""
+    path = manifest.abs(record["run_dir"]) / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.exists() else {}
 
 
-def chain_models(results: Path) -> dict[str, Path]:
-    """unpruned .pt, ours QAT .pt and float .pt, and the data.yaml, from a chain's manifest."""
+def prune_label(config: dict[str, Any]) -> str:
+    """`threshold pth=0.5`, `target params=0.5`, `latency ratio=0.5`: what a prune run asked for."""
+    p = config.get("prune", {})
+    mode = p.get("mode", "threshold")
+    if mode == "latency":
+        return f"latency ratio={p.get('target_latency_ratio')}"
+    if mode == "target":
+        by = "flops" if p.get("target_flops_ratio") is not None else "params"
+        return f"target {by}={p.get(f'target_{by}_ratio')}"
+    return f"{mode} pth={p.get('pth')}"
+
+
+def discover(results: Path) -> dict[str, Any]:
+    """The trained model, the control lineage and every pruned lineage of a results dir.
+
+    A lineage is keyed by its retrain run; its deployable artifact is the newest engine built from
+    that retrain's export, else the export's QDQ ONNX (compiled here). Only lineages of the newest
+    trained model are kept, so every row is compared with its own control.
+    """
     manifest = Manifest(results)
-
-    def newest(stage: str) -> dict[str, Any]:
-        runs = manifest.succeeded(stage)
-        if not runs:
-            sys.exit(f"{results} has no succeeded {stage} run; run the chain first (or use --build)")
-        return runs[-1]
-
-    def output(record: dict[str, Any], role: str) -> Path | None:
-        entry = next((o for o in record["outputs"] if o["role"] == role), None)
-        return manifest.abs(entry["path"]) if entry else None
-
-    train, retrain = newest("train"), newest("retrain")
-    data = next(e for e in retrain["inputs"] + train["inputs"] if e["role"] == "dataset")
-    qat, float_ = output(retrain, "model"), output(retrain, "float_model")
-    if float_ is None:
-        sys.exit(f"retrain run {retrain['run_id']} has no float_model: run the chain with retrain.qat=true")
-    return {"unpruned": output(train, "model"), "qat": qat, "float": float_, "data": manifest.abs(data["path"]),
-            "train_run": train["run_id"], "retrain_run": retrain["run_id"]}
+    runs = manifest.runs()
+    trains = manifest.succeeded("train")
+    if not trains:
+        sys.exit(f"{results} has no succeeded train run; run the chain first (or use --build)")
+    train = trains[-1]
+    lineages: dict[str, dict[str, Any]] = {}
+    for record in runs:
+        if record["status"] != "succeeded" or record["stage"] not in ("export", "engine"):
+            continue
+        chain = manifest.lineage(record, runs)
+        if chain[-1]["run_id"] != train["run_id"]:
+            continue
+        by_stage = {r["stage"]: r for r in chain}
+        kind = _kind(chain)
+        if kind == "unpruned":  # the unpruned FP32 ONNX: its row is exported here at every size
+            continue
+        retrain = by_stage["retrain"]
+        entry = lineages.setdefault(retrain["run_id"], {"kind": kind, "retrain": retrain, "prune": by_stage.get("prune")})
+        entry[record["stage"]] = record  # runs are in time order: the newest wins
+    control = [v for v in lineages.values() if v["kind"] == "control"]
+    pruned = [v for v in lineages.values() if v["kind"] == "pruned"]
+    for lin in control + pruned:
+        lin["label"] = "control" if lin["kind"] == "control" else prune_label(run_config(manifest, lin["prune"]))
+        lin["float"] = manifest.output_of(lin["retrain"], "float_model")
+        lin["engine_path"] = manifest.output_of(lin["engine"]) if "engine" in lin else None
+        lin["qdq"] = manifest.output_of(lin["export"]) if "export" in lin else None
+    data = next(e for e in train["inputs"] if e["role"] == "dataset")
+    return {"manifest": manifest, "train": train, "unpruned": manifest.output_of(train),
+            "data": manifest.abs(data["path"]),
+            "train_config": run_config(manifest, train), "control": control[-1] if control else None,
+            "pruned": pruned}
 
 
 def ultralytics_export(pt: Path, work: Path, **kwargs: Any) -> Path:
@@ -86,46 +138,89 @@ def ultralytics_export(pt: Path, work: Path, **kwargs: Any) -> Path:
     return Path(YOLO(str(copy), task="detect").export(device="cpu", verbose=False, **kwargs))
 
 
-def build(models: dict[str, Any], imgsz: int, work: Path, calib_images: int) -> list[dict[str, Any]]:
-    """The six artifacts at `imgsz` (see module docstring)."""
-    data = models["data"]
-    calib = CalibrationSet(pick(split_images(data, "train"), calib_images), (imgsz, imgsz), 8, f"train split of {data}")
-    ours = dict(format="onnx", imgsz=imgsz, opset=17, dynamic=True, simplify=True)  # stage=export's defaults
-    log = SimpleNamespace(info=lambda *a: print(a[0] % a[1:]))
+def ultralytics_qat(found: dict[str, Any], work: Path) -> Path | str:
+    """Ultralytics' QAT of the unpruned model with our retrain's epoch budget: its QDQ ONNX, or why not."""
+    from ultralytics import YOLO
 
-    base_onnx = ultralytics_export(models["unpruned"], work / "u_onnx", format="onnx", imgsz=imgsz)
-    vendor_ov = ultralytics_export(models["unpruned"], work / "u_ov", format="openvino", quantize=8, imgsz=imgsz,
-                                   data=str(data))
-    pruned = ultralytics_export(models["float"], work / "p_onnx", **ours)
-    pruned_int8 = work / "p_int8" / "model.onnx"
-    pruned_int8.parent.mkdir(parents=True, exist_ok=True)
-    ortb.quantize_int8(pruned, pruned_int8, calib, log)
-    qdq = ultralytics_export(models["qat"], work / "q_onnx", **ours)
-    qat_ov = work / "q_openvino_model"
-    ovb.build(qdq, qat_ov, "int8", True, None, onnx_metadata(qdq), log, overflow_fix=work / "q_7bit.onnx")  # the default
-    ptq_ov = work / "p_openvino_model"
-    ovb.build(pruned, ptq_ov, "int8", False, calib, onnx_metadata(pruned), log)
-    return [
-        {"name": BASELINE, "runtime": "onnxruntime", "path": base_onnx},
-        {"name": "unpruned INT8 (Ultralytics format=openvino int8)", "runtime": "openvino", "path": vendor_ov},
-        {"name": "ours: pruned FP32 ONNX", "runtime": "onnxruntime", "path": pruned},
-        {"name": "ours: pruned ORT static INT8", "runtime": "onnxruntime", "path": pruned_int8},
-        {"name": OURS, "runtime": "openvino", "path": qat_ov},
-        {"name": "ours: pruned FP32 -> OpenVINO INT8 (NNCF PTQ)", "runtime": "openvino", "path": ptq_ov},
+    lin = found["control"] or (found["pruned"] or [None])[0]
+    if lin is None:
+        return "no retrain run to take the epoch budget from"
+    rc = run_config(found["manifest"], lin["retrain"]).get("retrain", {})
+    epochs = int(rc.get("epochs", 0)) + int(rc.get("qat_epochs", 0))
+    tc = found["train_config"].get("train", {})
+    work.mkdir(parents=True, exist_ok=True)
+    copy = work / "model.pt"
+    shutil.copyfile(found["unpruned"], copy)
+    try:
+        model = YOLO(str(copy), task="detect")
+        model.train(data=str(found["data"]), epochs=epochs, imgsz=tc.get("imgsz", 640), batch=rc.get("batch", 16),
+                    workers=0, device="cpu", quantize=8, project=str(work), name="qat", exist_ok=True, plots=False,
+                    verbose=False)
+        best = work / "qat" / "weights" / "last.pt"
+        return Path(YOLO(str(best), task="detect").export(format="onnx", device="cpu", verbose=False))
+    except Exception as exc:  # the row records why it is absent instead of failing the whole bench
+        return f"Ultralytics QAT failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def compile_onnx(onnx: Path, out: Path, qdq: bool, calib: CalibrationSet | None, log: Any) -> Path:
+    """An ONNX compiled to an OpenVINO IR folder by our engine stage's builder (QDQ: trained scales)."""
+    ovb.build(onnx, out, "int8", qdq, calib, onnx_metadata(onnx), log)
+    return out
+
+
+def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
+          qat_onnx: Path | str) -> list[dict[str, Any]]:
+    """Every row's artifact at `imgsz` (see module docstring); rows that cannot be built say why."""
+    data = found["data"]
+    calib = CalibrationSet(pick(split_images(data, "train"), calib_images), (imgsz, imgsz), 8, f"train split of {data}")
+    log = SimpleNamespace(info=lambda *a: print(a[0] % a[1:]), warning=lambda *a: print(a[0] % a[1:]))
+    rows = [
+        {"name": BASELINE, "kind": "baseline", "runtime": "onnxruntime", "precision": "FP32",
+         "path": ultralytics_export(found["unpruned"], work / "u_onnx", format="onnx", imgsz=imgsz)},
+        {"name": VENDOR, "kind": "vendor", "runtime": "openvino",
+         "path": ultralytics_export(found["unpruned"], work / "u_ov", format="openvino", quantize=8, imgsz=imgsz,
+                                    data=str(data))},
     ]
+    if isinstance(qat_onnx, Path):
+        rows.append({"name": ULTRA_QAT, "kind": "ultralytics_qat", "runtime": "openvino",
+                     "path": compile_onnx(qat_onnx, work / "uq_openvino_model", True, None, log)})
+    else:
+        rows.append({"name": ULTRA_QAT, "kind": "ultralytics_qat", "absent": qat_onnx})
+    unpruned_params = found["train"]["metrics"].get("params")  # QAT and INT8 keep the parameter count
+    for row in rows:
+        if "absent" not in row:
+            row["params"] = unpruned_params
+    lineages = ([found["control"]] if found["control"] else []) + found["pruned"]
+    for i, lin in enumerate(lineages):
+        params = lin["retrain"]["metrics"].get("params")
+        name = CONTROL if lin["kind"] == "control" else f"ours: {lin['label']}"
+        if lin["engine_path"] is not None and Path(lin["engine_path"]).is_dir():
+            path = lin["engine_path"]
+        elif lin["qdq"] is not None:
+            path = compile_onnx(lin["qdq"], work / f"l{i}_openvino_model", True, None, log)
+        else:
+            rows.append({"name": name, "kind": lin["kind"], "absent": "lineage has neither an engine nor an export"})
+            continue
+        rows.append({"name": name, "kind": lin["kind"], "label": lin["label"], "runtime": "openvino", "path": path,
+                     "params": params, "retrain_run": lin["retrain"]["run_id"]})
+        if lin["kind"] == "pruned" and lin["float"] is not None:
+            pruned_onnx = ultralytics_export(lin["float"], work / f"l{i}_float", format="onnx", imgsz=imgsz, opset=17)
+            rows.append({"name": f"ours without QAT: {lin['label']} NNCF PTQ", "kind": "ptq", "label": lin["label"],
+                         "runtime": "openvino", "params": params, "retrain_run": lin["retrain"]["run_id"],
+                         "path": compile_onnx(pruned_onnx, work / f"l{i}_ptq_openvino_model", False, calib, log)})
+    return rows
 
 
 def runner(row: dict[str, Any], x: Any, threads: int) -> Any:
     """A zero-argument callable doing one batch-1 inference of the row's artifact."""
     if row["runtime"] == "onnxruntime":
         sess = ortb.session(row["path"], threads)
-        name = sess.get_inputs()[0].name
-        return lambda: sess.run(None, {name: x})
+        return lambda: ortb.run(sess, x)
     xml = next(Path(row["path"]).glob("*.xml"))
     compiled = ovb.compile_static(xml, x.shape, threads)
     executed = ovb.executed_precision(compiled)
-    row["executed_precision"] = executed["executed_precision"]
-    row["inference_precision_hint"] = executed["inference_precision_hint"]  # ours: recorded f32; vendor: the CPU's
+    row["precision"] = executed["executed_precision"]
+    row["inference_precision_hint"] = executed["inference_precision_hint"]
     return lambda: ovb.infer(compiled, x)
 
 
@@ -160,74 +255,148 @@ def evaluate_rows(rows: list[dict[str, Any]], data: Path, imgsz: int) -> None:
         row.update(mAP50=res["mAP50"], mAP50_95=res["mAP50_95"])
 
 
+def speedups(rows: list[dict[str, Any]]) -> None:
+    """Each timed row's speedup over the vendor, the unpruned FP32 ONNX and the control (None when absent)."""
+    ref = {k: next((r["latency_ms"] for r in rows if r.get("kind") == k and "latency_ms" in r), None)
+           for k in ("vendor", "baseline", "control")}
+    for row in rows:
+        if "latency_ms" in row:
+            for k, name in (("vendor", "vendor"), ("baseline", "unpruned_fp32_onnx"), ("control", "control")):
+                row[f"speedup_vs_{name}"] = round(ref[k] / row["latency_ms"], 3) if ref[k] else None
+
+
+def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pruned lineage: >= 2x the vendor, >= 5x the FP32 ONNX, mAP50-95 >= control - 1 point,
+    and its QAT engine at least as fast and as accurate as NNCF PTQ of the same model; figures too."""
+    control = next((r for r in rows if r.get("kind") == "control" and "latency_ms" in r), None)
+    out: dict[str, Any] = {}
+    for row in rows:
+        if row.get("kind") != "pruned" or "latency_ms" not in row:
+            continue
+        g: dict[str, Any] = {"vs_vendor": row["speedup_vs_vendor"], "vs_unpruned_fp32_onnx": row["speedup_vs_unpruned_fp32_onnx"]}
+        g["vs_vendor_met"] = g["vs_vendor"] is not None and g["vs_vendor"] >= 2.0
+        g["vs_unpruned_fp32_onnx_met"] = g["vs_unpruned_fp32_onnx"] is not None and g["vs_unpruned_fp32_onnx"] >= 5.0
+        if control is not None and "mAP50_95" in row and "mAP50_95" in control:
+            g["mAP50_95_points_vs_control"] = round(100 * (row["mAP50_95"] - control["mAP50_95"]), 2)
+            g["accuracy_vs_control_met"] = g["mAP50_95_points_vs_control"] >= -1.0
+        ptq = next((r for r in rows if r.get("kind") == "ptq" and r.get("retrain_run") == row.get("retrain_run")
+                    and "latency_ms" in r), None)
+        if ptq is not None:
+            g["qat_vs_ptq_speed"] = round(ptq["latency_ms"] / row["latency_ms"], 3)
+            g["qat_vs_ptq_speed_met"] = g["qat_vs_ptq_speed"] >= 1.0
+            if "mAP50_95" in row and "mAP50_95" in ptq:
+                g["mAP50_95_points_vs_ptq"] = round(100 * (row["mAP50_95"] - ptq["mAP50_95"]), 2)
+                g["accuracy_vs_ptq_met"] = g["mAP50_95_points_vs_ptq"] >= 0.0
+        g["all_met"] = all(v for k, v in g.items() if k.endswith("_met"))
+        out[row["name"]] = g
+    return out
+
+
+def markdown(imgsz: int, rows: list[dict[str, Any]], goal: dict[str, Any]) -> str:
+    """The rows and goals as markdown tables."""
+    def f(v: Any, spec: str = ".2f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"\n### {imgsz} px, batch 1, interleaved\n",
+             "| artifact | runtime | precision | ms | mAP50-95 | MB | vs vendor | vs FP32 ONNX | vs control |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "absent" in r:
+            lines.append(f"| {r['name']} | absent: {r['absent']} | | | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['runtime']} | {r.get('precision', '-')} | {f(r.get('latency_ms'))} | "
+                     f"{f(r.get('mAP50_95'), '.3f')} | {f(r.get('size_mb'))} | {f(r.get('speedup_vs_vendor'))}x | "
+                     f"{f(r.get('speedup_vs_unpruned_fp32_onnx'))}x | {f(r.get('speedup_vs_control'))}x |")
+    lines += ["\n| goal (pruned lineage) | vs vendor >= 2x | vs FP32 ONNX >= 5x | mAP vs control >= -1 pt "
+              "| QAT vs PTQ speed >= 1x | mAP vs PTQ >= 0 | all |", "|---|---|---|---|---|---|---|"]
+    def cell(g: dict[str, Any], fig: str, met: str, unit: str = "x") -> str:
+        return f"{f(g.get(fig))}{unit} {'yes' if g.get(met) else 'no'}" if fig in g else "-"
+
+    for name, g in goal.items():
+        lines.append(f"| {name} | {cell(g, 'vs_vendor', 'vs_vendor_met')} | "
+                     f"{cell(g, 'vs_unpruned_fp32_onnx', 'vs_unpruned_fp32_onnx_met')} | "
+                     f"{cell(g, 'mAP50_95_points_vs_control', 'accuracy_vs_control_met', ' pt')} | "
+                     f"{cell(g, 'qat_vs_ptq_speed', 'qat_vs_ptq_speed_met')} | "
+                     f"{cell(g, 'mAP50_95_points_vs_ptq', 'accuracy_vs_ptq_met', ' pt')} | "
+                     f"{'yes' if g['all_met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def recipe(found: dict[str, Any]) -> dict[str, Any]:
+    """Each lineage's chain as run: stage -> that stage's config section and the command-line overrides."""
+    manifest = found["manifest"]
+    out: dict[str, Any] = {}
+    for lin in ([found["control"]] if found["control"] else []) + found["pruned"]:
+        leaf = lin.get("engine") or lin.get("export") or lin["retrain"]
+        out[lin["label"]] = {r["stage"]: {"run_id": r["run_id"], "overrides": r.get("overrides", []),
+                                          "config": run_config(manifest, r).get(r["stage"])}
+                             for r in reversed(manifest.lineage(leaf))}
+    return out
+
+
+def build_chain(results: Path, experiment: str, sweep: list[str]) -> None:
+    """`stage=all` into `results`, then once per sweep entry with its overrides (train and control are reused)."""
+    for extra in [""] + sweep:
+        subprocess.run([sys.executable, "-m", "pipeline", "stage=all", f"experiment={experiment}",
+                        f"results_dir={results}", *shlex.split(extra)], cwd=REPO, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", nargs="?", type=Path, help="results dir of a chain run (train ... retrain)")
-    ap.add_argument("--build", action="store_true", help="run `stage=all` first into a scratch results dir")
+    ap.add_argument("results", nargs="?", type=Path, help="results dir of one or more stage=all chains")
+    ap.add_argument("--build", action="store_true", help="run `stage=all` first (into RESULTS, else a scratch dir)")
     ap.add_argument("--experiment", default="smoke", help="experiment preset for --build")
-    ap.add_argument("--imgsz", type=int, nargs="+", default=[640, 320])
+    ap.add_argument("--sweep", nargs="*", default=[], help='with --build: extra lineages, each one quoted set of '
+                    'overrides, e.g. "prune.pth=0.5" "prune.mode=latency prune.target_latency_ratio=0.5"')
+    ap.add_argument("--imgsz", type=int, nargs="+", help="input sizes (default: the trained size and 640)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=5, help="interleaved timing blocks")
     ap.add_argument("--per-block", type=int, default=12, help="timed runs per artifact per block")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--no-map", action="store_true", help="skip the mAP evaluations")
-    add_out(ap, "cpu_engines")
+    ap.add_argument("--no-ultralytics-qat", action="store_true", help="skip training Ultralytics' own QAT row")
+    ap.add_argument("--tag", default="", help="suffix of the default JSON name")
+    ap.add_argument("--out", type=Path, help="JSON to write (default bench/results/cpu_engines-<date>-<host>[-tag].json)")
     args = ap.parse_args()
     if args.blocks * args.per_block < 50:
         ap.error("--blocks x --per-block must give at least 50 timed runs")
+    if args.sweep and not args.build:
+        ap.error("--sweep needs --build")
+    out = args.out or RESULTS / f"cpu_engines-{datetime.now():%Y-%m-%d}-{platform.node()}{'-' + args.tag if args.tag else ''}.json"
 
-    results = args.results
-    if args.build or results is None:
-        results = Path(tempfile.mkdtemp(prefix="bench-chain-"))
-        subprocess.run([sys.executable, "-m", "pipeline", "stage=all", f"experiment={args.experiment}",
-                        f"results_dir={results}"], cwd=REPO, check=True)
-    models = chain_models(results)
+    results = args.results or Path(tempfile.mkdtemp(prefix="bench-chain-"))
+    if args.build or args.results is None:
+        build_chain(results, args.experiment, args.sweep)
+    found = discover(results)
+    trained = found["train_config"].get("train", {}).get("imgsz", 640)
+    sizes = args.imgsz or list(dict.fromkeys([int(trained), 640]))
+    flags = cpu_flags()
     report: dict[str, Any] = {
-        "date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(), "cpu_model": cpu_model(),
-        "threads": args.threads, "batch": 1, "results_dir": str(results),
-        "train_run": models["train_run"], "retrain_run": models["retrain_run"],
+        # date, host, CPU model and load average come from _common.machine()
+        "cpu_flags": sorted(f for f in FLAGS if f in flags),
+        "threads": args.threads, "batch": 1, "results_dir": str(results), "train_run": found["train"]["run_id"],
+        "recipe": recipe(found),
         "versions": {m: __import__(m).__version__ for m in ("onnxruntime", "openvino", "ultralytics", "torch")},
         "sizes": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-cpu-engines-") as tmp:
-        for imgsz in args.imgsz:
-            rows = build(models, imgsz, Path(tmp) / str(imgsz), args.calib_images)
-            x = load_batch(split_images(models["data"], "val")[:1], (imgsz, imgsz))
-            time_interleaved(rows, x, args.threads, args.blocks, args.per_block)
+        qat = ("skipped (--no-ultralytics-qat)" if args.no_ultralytics_qat
+               else ultralytics_qat(found, Path(tmp) / "ultralytics_qat"))
+        for imgsz in sizes:
+            rows = build(found, imgsz, Path(tmp) / str(imgsz), args.calib_images, qat)
+            timed = [r for r in rows if "absent" not in r]
+            x = load_batch(split_images(found["data"], "val")[:1], (imgsz, imgsz))
+            time_interleaved(timed, x, args.threads, args.blocks, args.per_block)
             if not args.no_map:
-                evaluate_rows(rows, models["data"], imgsz)
-            base = rows[0]["latency_ms"]
-            for row in rows:
-                row["speedup_vs_unpruned_fp32_onnx"] = round(base / row["latency_ms"], 3)
+                evaluate_rows(timed, found["data"], imgsz)
+            speedups(rows)
+            for row in timed:
                 row["size_mb"] = size_mb(row["path"])
-                row["path"] = row["path"].name
-            report["sizes"][str(imgsz)] = {"rows": rows, "goals": goals(rows)}
-            print_table(imgsz, rows)
-    write(args.out, report)
-
-
-def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Issue 13's goals for ours vs the vendor's OpenVINO INT8 and the unpruned ONNX, met or not."""
-    by = {r["name"]: r for r in rows}
-    ours, vendor, base = by[OURS], rows[1], by[BASELINE]
-    g: dict[str, Any] = {
-        "vs_vendor_openvino_int8": round(vendor["latency_ms"] / ours["latency_ms"], 3),
-        "vs_unpruned_fp32_onnx": ours["speedup_vs_unpruned_fp32_onnx"],
-    }
-    g["faster_goals_met"] = g["vs_vendor_openvino_int8"] >= 2.0 and g["vs_unpruned_fp32_onnx"] >= 5.0
-    if "mAP50_95" in ours:
-        g["mAP50_95_points_below_unpruned_float"] = round(100 * (base["mAP50_95"] - ours["mAP50_95"]), 2)
-        g["accuracy_goal_met"] = g["mAP50_95_points_below_unpruned_float"] <= 1.0
-    return g
-
-
-def print_table(imgsz: int, rows: list[dict[str, Any]]) -> None:
-    print(f"\n{imgsz} px, batch 1 ({rows[0]['runs']} runs each, interleaved)")
-    print(f"{'artifact':52} {'runtime':12} {'ms':>8} {'best blk':>9} {'speedup':>8} {'mAP50-95':>9} {'MB':>7}")
-    for r in rows:
-        m = f"{r['mAP50_95']:.3f}" if "mAP50_95" in r else "-"
-        print(f"{r['name']:52} {r['runtime']:12} {r['latency_ms']:8.2f} {r['best_block_median_ms']:9.2f} "
-              f"{r['speedup_vs_unpruned_fp32_onnx']:7.2f}x {m:>9} {r['size_mb']:7.2f}")
+                row["path"] = Path(row["path"]).name
+            goal = goals(rows)
+            report["sizes"][str(imgsz)] = {"rows": rows, "goals": goal}
+            print(markdown(imgsz, rows, goal))
+    write(out, report)
 
 
 if __name__ == "__main__":
