@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.yolo_env import library_prints
 
 # What the manifest records about the quantisation (the keys are the metric names).
 QUANT_SETTINGS: dict[str, Any] = {
@@ -85,7 +86,8 @@ def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.devi
 
     dev = _torch_device(device)
     model = model.to(dev).float()
-    quantised = prepare_qat(model, calib, lambda x: x.to(dev).float() / 255, batches=len(calib))
+    with library_prints():
+        quantised = prepare_qat(model, calib, lambda x: x.to(dev).float() / 255, batches=len(calib))
     counts = quantiser_counts(quantised)
     if counts["enabled"] == 0:
         raise RuntimeError("ModelOpt inserted no enabled quantiser; the model would train in float")
@@ -130,7 +132,8 @@ def load(path: str | Path) -> nn.Module:
         require_modelopt()
         from ultralytics.utils.torch_utils import restore_qat
 
-        restore_qat(model, state)
+        with library_prints():
+            restore_qat(model, state)
     return model
 
 

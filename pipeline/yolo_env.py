@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 _DONE = False
@@ -23,6 +26,9 @@ _VERBOSE_ENV = "PIPELINE_VERBOSE"  # "1" with verbose=true; child processes (lau
 DETAIL = {"detail": True}  # `extra=` of a log line for the run's log.txt, on the console only with verbose=true
 _EPOCH_HEADER = "GPU_mem"  # the column header of Ultralytics' training progress bar: kept, the bar needs it
 _DEPENDENCY_WARNINGS = (FutureWarning, UserWarning, DeprecationWarning)
+# Ultralytics warnings that are expected in our use (distilling a v8/v11 model, which has no one-to-one
+# head): in the run's log.txt, on the console only with verbose=true.
+_EXPECTED_WARNINGS = ("This model has no one-to-one head",)
 
 
 def config_dir() -> Path:
@@ -82,11 +88,30 @@ def set_verbose(on: bool) -> None:
 
 def _console_filter(record: logging.LogRecord) -> bool:
     """A console handler's filter: without verbose, warnings and the pipeline's own lines only."""
-    if verbose() or record.levelno >= logging.WARNING:
+    if verbose():
         return True
+    if record.levelno >= logging.WARNING:
+        return not (record.name.startswith("ultralytics") and record.getMessage().startswith(_EXPECTED_WARNINGS))
     if record.name.startswith("ultralytics"):
         return _EPOCH_HEADER in record.getMessage()
     return not getattr(record, "detail", False)
+
+
+@contextlib.contextmanager
+def library_prints() -> Iterator[None]:
+    """A library's print() calls inside (ModelOpt's "Inserted N quantizers") go to the run's log.txt,
+    and to the console only with verbose=true."""
+    if verbose():
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger("pipeline").info(line, extra=DETAIL)
 
 
 def _writable(folder: Path) -> bool:

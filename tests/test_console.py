@@ -34,3 +34,36 @@ def test_evaluate_console_is_quiet_unless_verbose(tiny_onnx, tmp_path, verbose):
     else:
         assert not [s for s in noisy if s in out], out[-3000:]
         assert "evaluate:" in out  # the progress bar stays, titled by the stage
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_prints_reach_the_console_only_when_verbose(verbose, capsys, caplog, monkeypatch):
+    """ModelOpt print()s "Inserted N quantizers" at every QAT prepare and restore: the log keeps it."""
+    import logging
+
+    from pipeline import yolo_env
+
+    monkeypatch.setenv("PIPELINE_VERBOSE", "1" if verbose else "0")
+    with caplog.at_level(logging.INFO, logger="pipeline"), yolo_env.library_prints():
+        print("Inserted 42 quantizers")
+    printed = capsys.readouterr().out
+    assert ("Inserted 42 quantizers" in printed) is verbose
+    assert ("Inserted 42 quantizers" in caplog.text) is not verbose
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_expected_library_warnings_are_hidden_unless_verbose(verbose, monkeypatch):
+    import logging
+
+    from pipeline import yolo_env
+
+    monkeypatch.setenv("PIPELINE_VERBOSE", "1" if verbose else "0")
+
+    def record(name: str, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None)
+
+    expected = record("ultralytics", "This model has no one-to-one head; using one-to-many outputs.")
+    other = record("ultralytics", "Dataset has no labels")
+    ours = record("pipeline", "This model has no one-to-one head")  # our own warnings always show
+    assert yolo_env._console_filter(expected) is verbose
+    assert yolo_env._console_filter(other) and yolo_env._console_filter(ours)
