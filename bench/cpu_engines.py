@@ -139,7 +139,7 @@ def ultralytics_export(pt: Path, work: Path, **kwargs: Any) -> Path:
 
 
 def ultralytics_qat(found: dict[str, Any], work: Path) -> Path | str:
-    """Ultralytics' QAT of the unpruned model with our retrain's epoch budget: its QDQ ONNX, or why not."""
+    """Ultralytics' QAT of the unpruned model with our retrain's epoch budget: its checkpoint, or why not."""
     from ultralytics import YOLO
 
     lin = found["control"] or (found["pruned"] or [None])[0]
@@ -156,10 +156,21 @@ def ultralytics_qat(found: dict[str, Any], work: Path) -> Path | str:
         model.train(data=str(found["data"]), epochs=epochs, imgsz=tc.get("imgsz", 640), batch=rc.get("batch", 16),
                     workers=0, device="cpu", quantize=8, project=str(work), name="qat", exist_ok=True, plots=False,
                     verbose=False)
-        best = work / "qat" / "weights" / "last.pt"
-        return Path(YOLO(str(best), task="detect").export(format="onnx", device="cpu", verbose=False))
+        return work / "qat" / "weights" / "last.pt"  # exported per size by build()
     except Exception as exc:  # the row records why it is absent instead of failing the whole bench
         return f"Ultralytics QAT failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def stage_export(pt: Path, data: Path, imgsz: int, work: Path) -> Path:
+    """Our export stage's ONNX of `pt` at `imgsz` (QDQ placement rules included), in a scratch results dir.
+
+    A lineage's own engine is built at its trained size: Ultralytics' export bakes the Detect decode's
+    anchor count into the graph, so another size needs its own export.
+    """
+    results = work / "results"
+    subprocess.run([sys.executable, "-m", "pipeline", "stage=export", f"export.input={pt}", f"export.imgsz={imgsz}",
+                    f"dataset.path={data}", f"results_dir={results}"], check=True, cwd=REPO)
+    return next(results.glob("export/*/model.onnx"))
 
 
 def compile_onnx(onnx: Path, out: Path, qdq: bool, calib: CalibrationSet | None, log: Any) -> Path:
@@ -182,8 +193,9 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
                                     data=str(data))},
     ]
     if isinstance(qat_onnx, Path):
+        onnx = ultralytics_export(qat_onnx, work / "uq", format="onnx", imgsz=imgsz)
         rows.append({"name": ULTRA_QAT, "kind": "ultralytics_qat", "runtime": "openvino",
-                     "path": compile_onnx(qat_onnx, work / "uq_openvino_model", True, None, log)})
+                     "path": compile_onnx(onnx, work / "uq_openvino_model", True, None, log)})
     else:
         rows.append({"name": ULTRA_QAT, "kind": "ultralytics_qat", "absent": qat_onnx})
     unpruned_params = found["train"]["metrics"].get("params")  # QAT and INT8 keep the parameter count
@@ -194,7 +206,13 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
     for i, lin in enumerate(lineages):
         params = lin["retrain"]["metrics"].get("params")
         name = CONTROL if lin["kind"] == "control" else f"ours: {lin['label']}"
-        if lin["engine_path"] is not None and Path(lin["engine_path"]).is_dir():
+        own_size = (lin.get("engine") or lin.get("export") or {}).get("metrics", {}).get("imgsz")
+        if isinstance(own_size, list):  # engines record (height, width)
+            own_size = max(own_size)
+        if own_size is not None and int(own_size) != imgsz:
+            qdq = stage_export(found["manifest"].output_of(lin["retrain"]), data, imgsz, work / f"l{i}_export")
+            path = compile_onnx(qdq, work / f"l{i}_openvino_model", True, None, log)
+        elif lin["engine_path"] is not None and Path(lin["engine_path"]).is_dir():
             path = lin["engine_path"]
         elif lin["qdq"] is not None:
             path = compile_onnx(lin["qdq"], work / f"l{i}_openvino_model", True, None, log)
