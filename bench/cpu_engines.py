@@ -315,6 +315,9 @@ def markdown(imgsz: int, rows: list[dict[str, Any]], goal: dict[str, Any]) -> st
     def f(v: Any, spec: str = ".2f") -> str:
         return "-" if v is None else format(v, spec)
 
+    def x(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}x"
+
     lines = [f"\n### {imgsz} px, batch 1, interleaved\n",
              "| artifact | runtime | precision | ms | mAP50-95 | MB | vs vendor | vs FP32 ONNX | vs control |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -323,8 +326,8 @@ def markdown(imgsz: int, rows: list[dict[str, Any]], goal: dict[str, Any]) -> st
             lines.append(f"| {r['name']} | absent: {r['absent']} | | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['runtime']} | {r.get('precision', '-')} | {f(r.get('latency_ms'))} | "
-                     f"{f(r.get('mAP50_95'), '.3f')} | {f(r.get('size_mb'))} | {f(r.get('speedup_vs_vendor'))}x | "
-                     f"{f(r.get('speedup_vs_unpruned_fp32_onnx'))}x | {f(r.get('speedup_vs_control'))}x |")
+                     f"{f(r.get('mAP50_95'), '.3f')} | {f(r.get('size_mb'))} | {x(r.get('speedup_vs_vendor'))} | "
+                     f"{x(r.get('speedup_vs_unpruned_fp32_onnx'))} | {x(r.get('speedup_vs_control'))} |")
     lines += ["\n| goal (pruned lineage) | vs vendor >= 2x | vs FP32 ONNX >= 5x | mAP vs control >= -1 pt "
               "| QAT vs PTQ speed >= 1x | mAP vs PTQ >= 0 | all |", "|---|---|---|---|---|---|---|"]
     def cell(g: dict[str, Any], fig: str, met: str, unit: str = "x") -> str:
