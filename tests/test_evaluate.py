@@ -131,10 +131,22 @@ def _random_scene(rng, n_images=40, nc=3):
     return images
 
 
-def _pycocotools_map(images, nc):
+def _coco_stats(gt, detections):
+    """pycocotools' (AP@[.5:.95], AP@.5) of `detections` against the COCO-format ground truth `gt`."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    coco_gt = COCO()
+    coco_gt.dataset = gt
+    coco_gt.createIndex()
+    ev = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return ev.stats[0], ev.stats[1]
+
+
+def _pycocotools_map(images, nc):
     gt = {"images": [], "annotations": [], "categories": [{"id": c + 1} for c in range(nc)]}
     dt = []
     for i, (boxes, preds) in enumerate(images):
@@ -145,14 +157,7 @@ def _pycocotools_map(images, nc):
                                       "iscrowd": 0})
         for c, s, (x1, y1, x2, y2) in preds:
             dt.append({"image_id": i + 1, "category_id": c + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
-    coco_gt = COCO()
-    coco_gt.dataset = gt
-    coco_gt.createIndex()
-    ev = COCOeval(coco_gt, coco_gt.loadRes(dt), "bbox")
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    return ev.stats[0], ev.stats[1]  # AP@[.5:.95], AP@.5
+    return _coco_stats(gt, dt)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -315,8 +320,6 @@ def test_evaluate_agrees_with_pycocotools_on_the_boxes_a_user_receives(tiny_mode
     real model; here a third of the detections reach past the image edge."""
     pytest.importorskip("pycocotools")
     from conftest import write_rect_dataset
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     from pipeline import evaluation
 
@@ -356,15 +359,9 @@ def test_evaluate_agrees_with_pycocotools_on_the_boxes_a_user_receives(tiny_mode
             gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": image_id,
                                       "category_id": int(c) + 1, "bbox": box, "area": box[2] * box[3],
                                       "iscrowd": 0})
-    coco_gt = COCO()
-    coco_gt.dataset = gt
-    coco_gt.createIndex()
-    ev = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    assert ours["mAP50_95"] == pytest.approx(ev.stats[0], abs=0.002)
-    assert ours["mAP50"] == pytest.approx(ev.stats[1], abs=0.002)
+    ap, ap50 = _coco_stats(gt, detections)
+    assert ours["mAP50_95"] == pytest.approx(ap, abs=0.002)
+    assert ours["mAP50"] == pytest.approx(ap50, abs=0.002)
 
 
 def test_model_imgsz_from_checkpoint_args(tmp_path):
