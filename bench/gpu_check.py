@@ -150,7 +150,7 @@ def time_engine(path: Path, data_yaml: Path, runs: int) -> dict[str, Any]:
 
     runner = trtb.Runner(path)
     x = _images(data_yaml, max(BATCHES))
-    return {f"b{b}_ms": trtb.latency_ms(runner, x[:b], runs) for b in BATCHES}
+    return {f"b{b}_ms": runner.latency_ms(x[:b], runs) for b in BATCHES}
 
 
 def export_640(work: Path, model: Path, timeout: int) -> Path:

@@ -437,15 +437,10 @@ class Runner:
         return np.concatenate(parts)
 
     def latency_ms(self, x: np.ndarray, runs: int) -> float | None:
-        """`latency_ms(self, x, runs)`: the backend Runner's timing."""
-        return latency_ms(self, x, runs)
-
-
-def latency_ms(runner: Runner, x: np.ndarray, runs: int) -> float | None:
-    """Median GPU time of one inference on batch `x` (None when an output has a data-dependent shape)."""
-    if not runner.bind(x):
-        return None
-    return median_ms(runner.enqueue, runs)
+        """Median GPU time of one inference on batch `x` (None when an output has a data-dependent shape)."""
+        if not self.bind(x):
+            return None
+        return median_ms(self.enqueue, runs)
 
 
 class TensorRTBackend(Backend):
