@@ -161,16 +161,17 @@ def ultralytics_qat(found: dict[str, Any], work: Path) -> Path | str:
         return f"Ultralytics QAT failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def stage_export(pt: Path, data: Path, imgsz: int, work: Path) -> Path:
-    """Our export stage's ONNX of `pt` at `imgsz` (QDQ placement rules included), in a scratch results dir.
+def stage_export(pt: Path, data: Path, imgsz: int, results: Path) -> Path:
+    """Our export stage's ONNX of `pt` at `imgsz` (QDQ placement rules included), into a scratch results
+    dir that the lineages of one size share (the dataset is imported once).
 
     A lineage's own engine is built at its trained size: Ultralytics' export bakes the Detect decode's
     anchor count into the graph, so another size needs its own export.
     """
-    results = work / "results"
     subprocess.run([sys.executable, "-m", "pipeline", "stage=export", f"export.input={pt}", f"export.imgsz={imgsz}",
                     f"dataset.path={data}", f"results_dir={results}"], check=True, cwd=REPO)
-    return next(results.glob("export/*/model.onnx"))
+    manifest = Manifest(results)
+    return manifest.output_of(manifest.succeeded("export")[-1])
 
 
 def compile_onnx(onnx: Path, out: Path, qdq: bool, calib: CalibrationSet | None, log: Any) -> Path:
@@ -210,7 +211,7 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
         if isinstance(own_size, list):  # engines record (height, width)
             own_size = max(own_size)
         if own_size is not None and int(own_size) != imgsz:
-            qdq = stage_export(found["manifest"].output_of(lin["retrain"]), data, imgsz, work / f"l{i}_export")
+            qdq = stage_export(found["manifest"].output_of(lin["retrain"]), data, imgsz, work / "exports")
             path = compile_onnx(qdq, work / f"l{i}_openvino_model", True, None, log)
         elif lin["engine_path"] is not None and Path(lin["engine_path"]).is_dir():
             path = lin["engine_path"]
