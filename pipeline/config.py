@@ -123,6 +123,8 @@ class RetrainConfig(FitConfig):
     qat_epochs: int = 10  # epochs of the QAT phase that follows float recovery
     qat_lr0: float = 0.001  # learning rate of the QAT phase (SGD, no warmup; docs/retrain-qat.md says why)
     calib_batches: int = 8  # training batches used to calibrate quantiser ranges
+    # quantise the Detect head's output convs too (as NNCF PTQ does); false = Ultralytics' float ones
+    qat_head: bool = True
     # distil from the unpruned parent (the train run in the lineage) in both phases (Ultralytics' distill_model)
     distill: bool = True
     distill_weight: float = 6.0  # weight of the distillation loss (Ultralytics' dis)

@@ -1,10 +1,14 @@
 """Quantisation-aware training (QAT) with NVIDIA ModelOpt, in the form TensorRT consumes.
 
 The model gets INT8 fake-quantisers (8-bit, per-channel weights, per-tensor activations) through
-Ultralytics' own `prepare_qat`, so the result is exactly what `yolo train quantize=8` builds: the
-Detect head's output convolutions and DFL stay in float, checkpoints carry the float module plus a
-`modelopt` state, and `YOLO(path).export(format="onnx")` writes QuantizeLinear/DequantizeLinear
-pairs. What differs is the calibration: ours runs on `calib_batches` un-augmented training images
+Ultralytics' own `prepare_qat`, so the result is what `yolo train quantize=8` builds: checkpoints
+carry the float module plus a `modelopt` state, and `YOLO(path).export(format="onnx")` writes
+QuantizeLinear/DequantizeLinear pairs. Two things differ. `head_outputs=True` (retrain.qat_head, the
+default) quantises the Detect head's output convolutions too, the bare 1x1 `cv2.i.2`/`cv3.i.2` that
+Ultralytics leaves in float: NNCF's PTQ quantises exactly these (`engines.common.keep_float`), and
+left float they are float islands with reorders around them at the highest resolution, which made
+the QAT engine slower than PTQ of the same model (docs/retrain-qat.md). DFL and the decode stay
+float either way. And the calibration: ours runs on `calib_batches` un-augmented training images
 of the model *as it is now* (after float recovery), chosen with a seed, instead of on 8 mosaic
 batches the trainer draws itself. ModelOpt holds the ranges fixed after calibration, so they must
 come from a model that already detects (docs/retrain-qat.md, "Two phases, and why").
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,8 +84,16 @@ def calibration_batches(data_yaml: str | Path, imgsz: int, batch: int, batches: 
     return CalibrationImages(dataset, order, batch)
 
 
-def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.device = "cpu") -> nn.Module:
-    """Insert calibrated INT8 fake-quantisers into `model` (in place); head outputs and DFL stay float."""
+def head_output_quantiser(name: str, head: int) -> bool:
+    """Whether a quantiser belongs to an output convolution of the Detect head's box/class branches
+    (`model.<head>.cv2.<level>.<last>`, a bare nn.Conv2d; the `Conv` blocks before it hold `.conv.`)."""
+    return re.fullmatch(rf"model\.{head}\.cv[23]\.\d+\.\d+\.(input|weight)_quantizer", name) is not None
+
+
+def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.device = "cpu",
+            head_outputs: bool = True) -> nn.Module:
+    """Insert calibrated INT8 fake-quantisers into `model` (in place); DFL and the decode stay float,
+    the head's output convolutions too unless `head_outputs` (module docstring)."""
     require_modelopt()
     from ultralytics.utils.torch_utils import prepare_qat
 
@@ -88,11 +101,16 @@ def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.devi
     model = model.to(dev).float()
     with library_prints():
         quantised = prepare_qat(model, calib, lambda x: x.to(dev).float() / 255, batches=len(calib))
+        if head_outputs:  # calibrated with the rest (prepare_qat disables them after calibration)
+            import modelopt.torch.quantization as mtq
+
+            head = len(quantised.model) - 1
+            mtq.enable_quantizer(quantised, lambda n: head_output_quantiser(n, head))
     counts = quantiser_counts(quantised)
     if counts["enabled"] == 0:
         raise RuntimeError("ModelOpt inserted no enabled quantiser; the model would train in float")
-    log.info("QAT: %d quantisers enabled, %d kept in float (head outputs, DFL, outputs), calibrated on %d batches",
-             counts["enabled"], counts["disabled"], len(calib))
+    log.info("QAT: %d quantisers enabled, %d kept in float (DFL%s), calibrated on %d batches",
+             counts["enabled"], counts["disabled"], "" if head_outputs else ", head outputs", len(calib))
     return quantised
 
 
@@ -161,6 +179,6 @@ def checkpoint_is_qat(path: str | Path) -> bool:
     return bool(load_checkpoint(path).get("modelopt"))
 
 
-def settings(calib_batches: int) -> dict[str, Any]:
+def settings(calib_batches: int, head_outputs: bool = True) -> dict[str, Any]:
     """The quantisation settings for the manifest."""
-    return {**QUANT_SETTINGS, "quant_calib_batches": int(calib_batches)}
+    return {**QUANT_SETTINGS, "quant_calib_batches": int(calib_batches), "quant_head_outputs": bool(head_outputs)}

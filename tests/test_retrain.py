@@ -48,24 +48,40 @@ def test_calibration_batches_are_real_seeded_images(tiny_data_yaml):
     assert any((x != y).any() for x, y in zip(a, c, strict=True))
 
 
-def test_prepare_quantises_int8_per_channel_weights_and_keeps_head_outputs_float(qat_checkpoint):
+def _check_quantisers(quantised, float_when) -> None:
+    """Every conv's quantisers: disabled where `float_when(name)`, else enabled, 8-bit, calibrated."""
+    seen_float = False
+    for name, layer in quantised.named_modules():
+        if not isinstance(layer, torch.nn.Conv2d):
+            continue
+        is_float = float_when(name)
+        seen_float |= is_float
+        for kind, axis in (("weight_quantizer", 0), ("input_quantizer", None)):  # per-channel / per-tensor
+            q = getattr(layer, kind)
+            assert q.is_enabled != is_float, f"{name}.{kind}"
+            if q.is_enabled:
+                assert q.num_bits == 8 and q.axis == axis, f"{name}.{kind}"
+                assert q.amax is not None and float(q.amax.max()) > 0, f"{name}.{kind}"
+    assert seen_float
+
+
+def test_prepare_quantises_int8_per_channel_weights_head_outputs_included_dfl_float(qat_checkpoint):
     quantised, _ = qat_checkpoint
     counts = qat.quantiser_counts(quantised)
     assert counts["enabled"] > 50 and qat.is_quantised(quantised)
     head = f"model.{len(quantised.model) - 1}."
-    seen_output_conv = False
-    for name, layer in quantised.named_modules():
-        if not isinstance(layer, torch.nn.Conv2d):
-            continue
-        in_head_output = name.startswith(head) and (not name.endswith(".conv") or ".dfl." in name)
-        seen_output_conv |= in_head_output
-        for kind, axis in (("weight_quantizer", 0), ("input_quantizer", None)):  # per-channel / per-tensor
-            q = getattr(layer, kind)
-            assert q.is_enabled != in_head_output, f"{name}.{kind}"
-            if q.is_enabled:
-                assert q.num_bits == 8 and q.axis == axis, f"{name}.{kind}"
-                assert q.amax is not None and float(q.amax.max()) > 0, f"{name}.{kind}"
-    assert seen_output_conv
+    outputs = [n for n, m in quantised.named_modules() if isinstance(m, torch.nn.Conv2d)
+               and n.startswith(head) and not n.endswith(".conv") and ".dfl." not in n]
+    assert len(outputs) == 6  # cv2/cv3 x 3 levels: quantised like the rest
+    _check_quantisers(quantised, lambda n: ".dfl." in n)
+
+
+def test_prepare_can_keep_head_outputs_float_as_ultralytics(tiny_data_yaml):
+    model = build_model("yolov8n", nc=2)
+    calib = qat.calibration_batches(tiny_data_yaml, imgsz=64, batch=4, batches=1)
+    quantised = qat.prepare(model, calib, "cpu", head_outputs=False)
+    head = f"model.{len(quantised.model) - 1}."
+    _check_quantisers(quantised, lambda n: n.startswith(head) and (not n.endswith(".conv") or ".dfl." in n))
 
 
 def test_qat_checkpoint_round_trip(qat_checkpoint):
@@ -87,7 +103,8 @@ def test_float_model_exports_no_qdq(tiny_model_pt, tmp_path):
 
 def test_settings_for_manifest():
     assert qat.settings(8) == {"quant_bits": 8, "quant_weights": "per_channel", "quant_activations": "per_tensor",
-                               "quant_calib_batches": 8}
+                               "quant_calib_batches": 8, "quant_head_outputs": True}
+    assert qat.settings(4, head_outputs=False)["quant_head_outputs"] is False
 
 
 # -- lineage and the mAP collapse guard ---------------------------------------------------------
