@@ -16,8 +16,11 @@ scratch folder, and times:
   - ours: every pruned lineage's engine, labelled with its prune mode and setting
   - ours without QAT: the same lineage's pruned float model -> OpenVINO INT8 by NNCF PTQ
 
-in ONE process, batch 1, fixed threads, in interleaved blocks (these machines are noisy: compare
-ratios, never numbers from different runs), median of >= 50 runs after warm-up, with each artifact's
+batch 1, fixed threads, in interleaved blocks (these machines are noisy: compare ratios, never
+numbers from different runs), each block of each artifact in a fresh process of its own (two
+runtimes, or several compiled models, in one process leave worker threads spinning that slow
+whatever runs next: measured 4.2 ms for the FP32 ONNX alone, 4.8 after OpenVINO calls in the same
+process, 7.8 in a process holding eight compiled models), median of >= 50 runs after warm-up, with each artifact's
 own mAP50-95 on the validation split, its executed precision, and speedups vs the vendor, the
 unpruned FP32 ONNX and the control. The `goals` block says, per pruned lineage, whether it is
 >= 2x the vendor, >= 5x the FP32 ONNX, within 1 mAP50-95 point of the control, and whether its QAT
@@ -27,6 +30,7 @@ engine is at least as fast and as accurate as NNCF PTQ of the same model (docs/r
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import platform
 import shlex
 import shutil
@@ -35,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -243,25 +248,36 @@ def runner(row: dict[str, Any], x: Any, threads: int) -> Any:
     return lambda: ovb.infer(compiled, x)
 
 
+def time_block(row: dict[str, Any], x: Any, threads: int, warmup: int, runs: int) -> tuple[list[float], dict[str, Any]]:
+    """One block: the row's artifact loaded in this (fresh) process, `warmup` calls, then `runs` timed
+    calls (ms); plus what the runtime says it executes."""
+    row = dict(row)
+    call = runner(row, x, threads)
+    for _ in range(warmup):
+        call()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out, {k: row[k] for k in ("precision", "inference_precision_hint") if k in row}
+
+
 def time_interleaved(rows: list[dict[str, Any]], x: Any, threads: int, blocks: int, per_block: int) -> None:
-    """Per-call times for every row, in blocks that rotate the order; fills latency figures in place."""
-    calls = [runner(r, x, threads) for r in rows]
-    for call in calls:
-        for _ in range(5):
-            call()
+    """Per-call times for every row, in blocks that rotate the order, each block in a fresh process
+    (module docstring); fills latency figures in place."""
     times: list[list[float]] = [[] for _ in rows]
     block_medians: list[list[float]] = [[] for _ in rows]
-    for b in range(blocks):
-        order = list(range(len(rows)))[b % len(rows):] + list(range(len(rows)))[: b % len(rows)]
-        for i in order:
-            call, block = calls[i], []
-            call()  # re-warm caches after the previous artifact
-            for _ in range(per_block):
-                t0 = time.perf_counter()
-                call()
-                block.append((time.perf_counter() - t0) * 1e3)
-            times[i] += block
-            block_medians[i].append(statistics.median(block))
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        for b in range(blocks):
+            order = list(range(len(rows)))[b % len(rows):] + list(range(len(rows)))[: b % len(rows)]
+            for i in order:
+                spec = {k: rows[i][k] for k in ("runtime", "path")}
+                block, facts = pool.submit(time_block, spec, x, threads, 5, per_block).result()
+                rows[i].update(facts)
+                times[i] += block
+                block_medians[i].append(statistics.median(block))
     for row, t, bm in zip(rows, times, block_medians, strict=True):
         row.update(latency_ms=round(statistics.median(t), 3), best_block_median_ms=round(min(bm), 3), runs=len(t))
 

@@ -156,6 +156,7 @@ class PruneConfig:
     target_flops_ratio: float | None = None  # mode=target: kept conv FLOPs / original instead of params
     target_latency_ratio: float = 0.5  # mode=latency: predicted latency budget / unpruned prediction
     latency_backend: str = "auto"  # mode=latency: auto (openvino if installed) | openvino | onnxruntime
+    latency_precision: str = "auto"  # mode=latency: auto (int8 when engine.precision=int8, else f32) | int8 | f32
     latency_runs: int = 5  # mode=latency: timed runs (median) per table entry; per model at least 10
     normalizer: str = "max"  # max | L2
     equalization: str = "union"  # union | intersection | arithmetic_mean | geometric_mean
@@ -287,6 +288,7 @@ _CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     EvaluateConfig: {"split": ("val", "train", "test"), "ap_mode": ("coco", "voc11", "voc_integrate")},
     PruneConfig: {"mode": ("threshold", "target", "latency"), "normalizer": ("max", "L2"),
                   "latency_backend": ("auto", "openvino", "onnxruntime"),
+                  "latency_precision": ("auto", "int8", "f32"),
                   "equalization": ("union", "intersection", "arithmetic_mean", "geometric_mean")},
     EngineConfig: {"backend": ("auto", "tensorrt", "openvino", "onnxruntime"), "precision": ("fp32", "fp16", "int8"),
                    "float_precision": ("f32", "bf16", "f16", "auto")},

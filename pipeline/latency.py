@@ -2,7 +2,12 @@
 
 The table: every conv of the model, rebuilt alone (conv + bias + activation: BN folds into the bias
 on deploy) at its input resolution, stride, kernel and groups, and timed on the deploy backend
-(OpenVINO on CPUs, ONNX Runtime as the fallback): median of `runs` timed calls after a warm-up.
+(OpenVINO on CPUs, ONNX Runtime as the fallback) at the deploy precision: median of `runs` timed
+calls after a warm-up. `int8` (the engine's default) quantises the conv as the deployed graph does:
+a per-tensor quantiser on its input, per-channel INT8 weights and, after an activation, the next
+layer's input quantiser, so the backend runs its INT8 kernel and writes INT8 (an f32 table costs a
+64-channel 3x3 conv about 3x what its INT8 kernel takes, and 1x1 convs about the same: the ranking
+of what to cut differs). `f32` times the float conv.
 A conv is measured on a grid of the channel counts a plan can give it (multiples of granularity
 from the min_filters floor up to the full width, `GRID_LEVELS` of them per side it can lose);
 between grid points the prediction is bilinear. Every single-conv call pays the backend's fixed
@@ -12,7 +17,7 @@ so each conv's grid is made monotone (running maximum along input, then output c
 it predicts anything; the raw timings stay in the table file.
 
 The file is `<results_dir>/.latency/<key>.json`, the key naming the CPU model, its core count, the
-backend, the thread count and the image size: a second prune on the same machine reuses it, and
+backend, the thread count, the image size and (int8) the precision: a second prune on the same machine reuses it, and
 entries are keyed by (cin, cout, k, stride, groups, H, W, activation).
 
 The selection: start from the unpruned widths; repeatedly remove, from one group, the next block of
@@ -39,12 +44,15 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from pipeline.engines.common import CalibrationSet
 from pipeline.manifest import atomic_write_text
 from pipeline.pruning import ChannelPruner, ConvSite, GroupPlan
+from pipeline.yolo_env import library_prints
 
 log = logging.getLogger("pipeline.prune")
 
 BACKENDS = ("openvino", "onnxruntime")
+PRECISIONS = ("int8", "f32")
 GRID_LEVELS = 4  # channel counts measured per prunable side of a conv (plus bilinear in between)
 WARMUP = 2
 # the smallest conv there is: its time is the backend's fixed cost per call, paid once by the whole model
@@ -65,8 +73,16 @@ def resolve_backend(name: str) -> str:
     return "openvino"
 
 
-def machine_key(backend: str, imgsz: int, threads: int) -> str:
-    """File-name-safe key of one table: CPU model, core count, backend, threads, image size."""
+def resolve_precision(name: str, engine_precision: str) -> str:
+    """`auto` -> int8 when the engine deploys INT8, else f32 (fp16 on a CPU runs its float kernels)."""
+    if name != "auto":
+        return name
+    return "int8" if engine_precision == "int8" else "f32"
+
+
+def machine_key(backend: str, imgsz: int, threads: int, precision: str = "f32") -> str:
+    """File-name-safe key of one table: CPU model, core count, backend, threads, image size, precision
+    (f32 tables keep the key they had before int8 ones existed)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -75,7 +91,7 @@ def machine_key(backend: str, imgsz: int, threads: int) -> str:
                 break
     except OSError:
         pass
-    raw = f"{cpu}-{os.cpu_count()}cores-{backend}-t{threads}-{imgsz}px"
+    raw = f"{cpu}-{os.cpu_count()}cores-{backend}-t{threads}-{imgsz}px" + ("" if precision == "f32" else f"-{precision}")
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("_")
 
 
@@ -110,71 +126,131 @@ def _timed(call: Callable[[], Any], runs: int) -> list[float]:
     return out
 
 
-def openvino_timer(threads: int) -> Timer:
-    """Times one conv + bias + SiLU built with openvino.opset13, compiled for latency at f32."""
+# Symmetric INT8 ranges of the timed conv's quantisers (ModelOpt's form: signed, zero point 0). The
+# values only pick the kernels; they need not fit the random data.
+_INPUT_AMAX = 1.0
+_OUTPUT_AMAX = 4.0
+
+
+def _weight_amax(weight: np.ndarray) -> np.ndarray:
+    """Per-output-channel max |w| (never 0), shaped to broadcast against the kernel."""
+    amax = np.abs(weight).reshape(weight.shape[0], -1).max(axis=1)
+    return np.maximum(amax, 1e-6).reshape(-1, *([1] * (weight.ndim - 1))).astype(np.float32)
+
+
+def openvino_conv(key: ConvKey, precision: str = "int8") -> Any:
+    """One conv + bias + SiLU as an openvino.Model (opset13); `int8` wraps it in FakeQuantize ops
+    (module docstring), which the CPU plugin runs as an INT8 kernel."""
     import openvino as ov
     import openvino.opset13 as ops
+
+    def fq(node: Any, amax: float | np.ndarray, levels: int = 256) -> Any:
+        lo = np.asarray(-amax, np.float32)
+        hi = np.asarray(amax * (127 / 128 if levels == 256 else 1.0), np.float32)
+        return ops.fake_quantize(node, ops.constant(lo), ops.constant(hi), ops.constant(lo), ops.constant(hi), levels)
+
+    cin, cout, k, s, g, h, w, act = key
+    _, weight, bias = _weights(key)
+    p = k // 2  # Ultralytics' autopad
+    inp = ops.parameter([1, cin, h, w], np.float32)
+    src = fq(inp, _INPUT_AMAX) if precision == "int8" else inp
+    conv_args = {"strides": [s, s], "pads_begin": [p, p], "pads_end": [p, p], "dilations": [1, 1]}
+    kernel_np = weight if g == 1 else weight.reshape(g, cout // g, cin // g, k, k)
+    kernel = ops.constant(kernel_np)
+    if precision == "int8":
+        amax = _weight_amax(weight)
+        kernel = fq(kernel, amax if g == 1 else amax.reshape(g, cout // g, 1, 1, 1), levels=255)
+    y = (ops.convolution if g == 1 else ops.group_convolution)(src, kernel, **conv_args)
+    y = ops.add(y, ops.constant(bias))
+    if act:
+        y = ops.swish(y)
+        if precision == "int8":  # the next conv's input quantiser: the kernel writes INT8
+            y = fq(y, _OUTPUT_AMAX)
+    return ov.Model([y], [inp])
+
+
+def openvino_timer(threads: int, precision: str = "int8") -> Timer:
+    """Times `openvino_conv`, compiled for latency with f32 float parts."""
+    import openvino as ov
 
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_PRECISION_HINT": "f32"}
 
     def timer(key: ConvKey, runs: int) -> list[float]:
-        cin, cout, k, s, g, h, w, act = key
-        x, weight, bias = _weights(key)
-        p = k // 2  # Ultralytics' autopad
-        inp = ops.parameter([1, cin, h, w], np.float32)
-        conv_args = {"strides": [s, s], "pads_begin": [p, p], "pads_end": [p, p], "dilations": [1, 1]}
-        if g == 1:
-            y = ops.convolution(inp, ops.constant(weight), **conv_args)
-        else:
-            grouped = weight.reshape(g, cout // g, cin // g, k, k)
-            y = ops.group_convolution(inp, ops.constant(grouped), **conv_args)
-        y = ops.add(y, ops.constant(bias))
-        if act:
-            y = ops.swish(y)
-        request = core.compile_model(ov.Model([y], [inp]), "CPU", config).create_infer_request()
+        x = _weights(key)[0]
+        request = core.compile_model(openvino_conv(key, precision), "CPU", config).create_infer_request()
         return _timed(lambda: request.infer({0: x}), runs)
 
     return timer
 
 
-def onnxruntime_timer(threads: int) -> Timer:
-    """Times the same single conv as an ONNX graph (Conv + Sigmoid * x) on ONNX Runtime's CPU provider."""
-    import onnxruntime as ort
+def onnx_conv(key: ConvKey, precision: str = "int8") -> Any:
+    """The same conv as an ONNX ModelProto (Conv + Sigmoid * x); `int8` with QuantizeLinear /
+    DequantizeLinear pairs around it (the form of our QDQ exports)."""
     from onnx import TensorProto, helper, numpy_helper
+
+    def qdq(name: str, scale: str, zero: str, out: str, axis: int | None = None) -> list[Any]:
+        extra = {} if axis is None else {"axis": axis}
+        return [helper.make_node("QuantizeLinear", [name, scale, zero], [f"{out}_q"], **extra),
+                helper.make_node("DequantizeLinear", [f"{out}_q", scale, zero], [out], **extra)]
+
+    cin, cout, k, s, g, h, w, act = key
+    _, weight, bias = _weights(key)
+    p = k // 2
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias.reshape(-1), "b")]
+    nodes: list[Any] = []
+    src, kernel = "x", "w"
+    if precision == "int8":
+        inits += [numpy_helper.from_array(np.array(_INPUT_AMAX / 127, np.float32), "s_in"),
+                  numpy_helper.from_array(np.array(_OUTPUT_AMAX / 127, np.float32), "s_out"),
+                  numpy_helper.from_array(np.array(0, np.int8), "z"),
+                  numpy_helper.from_array((_weight_amax(weight).reshape(-1) / 127).astype(np.float32), "s_w"),
+                  numpy_helper.from_array(np.zeros(cout, np.int8), "z_w")]
+        nodes += qdq("x", "s_in", "z", "xq") + qdq("w", "s_w", "z_w", "wq", axis=0)
+        src, kernel = "xq", "wq"
+    nodes.append(helper.make_node("Conv", [src, kernel, "b"], ["c"], kernel_shape=[k, k], strides=[s, s],
+                                  pads=[p, p, p, p], group=g))
+    out = "c"
+    if act:
+        nodes += [helper.make_node("Sigmoid", ["c"], ["sig"]), helper.make_node("Mul", ["c", "sig"], ["y"])]
+        out = "y"
+        if precision == "int8":
+            nodes += qdq("y", "s_out", "z", "yq")
+            out = "yq"
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, h, w])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, cout, (h + 2 * p - k) // s + 1,
+                                                                (w + 2 * p - k) // s + 1])], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = min(proto.ir_version, 9)
+    return proto
+
+
+def onnxruntime_timer(threads: int, precision: str = "int8") -> Timer:
+    """Times `onnx_conv` on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
 
     def timer(key: ConvKey, runs: int) -> list[float]:
-        cin, cout, k, s, g, h, w, act = key
-        x, weight, bias = _weights(key)
-        p = k // 2
-        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[k, k], strides=[s, s],
-                                  pads=[p, p, p, p], group=g)]
-        out = "c"
-        if act:
-            nodes += [helper.make_node("Sigmoid", ["c"], ["sig"]), helper.make_node("Mul", ["c", "sig"], ["y"])]
-            out = "y"
-        graph = helper.make_graph(
-            nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, h, w])],
-            [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
-            initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias.reshape(-1), "b")])
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        proto.ir_version = min(proto.ir_version, 9)
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        x = _weights(key)[0]
+        session = ort.InferenceSession(onnx_conv(key, precision).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
         return _timed(lambda: session.run(None, {"x": x}), runs)
 
     return timer
 
 
-def make_timer(backend: str, threads: int) -> Timer:
+def make_timer(backend: str, threads: int, precision: str = "int8") -> Timer:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown latency precision {precision!r}; choose one of {PRECISIONS}")
     if backend == "openvino":
-        return openvino_timer(threads)
+        return openvino_timer(threads, precision)
     if backend == "onnxruntime":
-        return onnxruntime_timer(threads)
+        return onnxruntime_timer(threads, precision)
     raise ValueError(f"unknown latency backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -405,9 +481,11 @@ def predict_ms(pruner: ChannelPruner, grids: dict[nn.Module, ConvGrid], plan: di
 
 
 def measure_models(models: Sequence[nn.Module], imgsz: int, backend: str, threads: int, runs: int,
-                   workdir: Path) -> list[float]:
-    """Median latency (ms) of each float model exported to ONNX, on `backend`, timed interleaved so that
-    load changes on a shared machine hit every model alike."""
+                   workdir: Path, calib: CalibrationSet | None = None) -> list[float]:
+    """Median latency (ms) of each model exported to ONNX and built for `backend` as the engine stage
+    builds it: float, or INT8 by that backend's post-training quantiser on `calib` (NNCF for OpenVINO,
+    ONNX Runtime's static QDQ), timed interleaved so that load changes on a shared machine hit every
+    model alike."""
     import copy
 
     import torch
@@ -422,7 +500,7 @@ def measure_models(models: Sequence[nn.Module], imgsz: int, backend: str, thread
         with torch.no_grad():
             torch.onnx.export(m, torch.from_numpy(x), str(path), opset_version=17, input_names=["images"],
                               dynamo=False)
-        calls.append(_model_call(path, backend, threads, x))
+        calls.append(_model_call(path, backend, threads, x, calib))
     times: list[list[float]] = [[] for _ in models]
     for call in calls:
         for _ in range(WARMUP):
@@ -435,20 +513,22 @@ def measure_models(models: Sequence[nn.Module], imgsz: int, backend: str, thread
     return [float(statistics.median(t)) for t in times]
 
 
-def _model_call(path: Path, backend: str, threads: int, x: np.ndarray) -> Callable[[], Any]:
+def _model_call(path: Path, backend: str, threads: int, x: np.ndarray,
+                calib: CalibrationSet | None = None) -> Callable[[], Any]:
     if backend == "openvino":
-        import openvino as ov
+        from pipeline.engines import openvino as ovb
 
-        core = ov.Core()
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-            "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
-        request = compiled.create_infer_request()
-        return lambda: request.infer({0: x})
-    import onnxruntime as ort
+        out = path.with_name(f"{path.stem}_openvino_model")
+        with library_prints():
+            ovb.build(path, out, "int8" if calib is not None else "fp32", False, calib, {}, log)
+        compiled = ovb.compile_static(out / "model.xml", x.shape, threads, "f32")
+        return lambda: ovb.infer(compiled, x)
+    from pipeline.engines import onnxruntime as ortb
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda: session.run(None, {name: x})
+    if calib is not None:
+        quantised = path.with_name(f"{path.stem}_int8.onnx")
+        with library_prints():
+            ortb.quantize_int8(path, quantised, calib, log)
+        path = quantised
+    session = ortb.session(path, threads)
+    return lambda: ortb.run(session, x)

@@ -5,11 +5,13 @@ norms, `prune.normalizer`, `prune.equalization` over coupled layers, keep score 
 at least `prune.min_filters`, rounded up to `prune.granularity`; `prune.excluded_layers` groups
 untouched. `prune.mode=target` finds the pth that keeps `prune.target_params_ratio` of the
 parameters instead (or `prune.target_flops_ratio` of the conv FLOPs at the model's image size, when
-set). `prune.mode=latency` times every conv alone on `prune.latency_backend` at that size (a table
-cached in `<results_dir>/.latency/`) and removes the least important channel blocks per predicted
+set). `prune.mode=latency` times every conv alone on `prune.latency_backend` at that size and at the
+deploy precision (`prune.latency_precision`: INT8 when the engine deploys INT8; a table cached in
+`<results_dir>/.latency/`) and removes the least important channel blocks per predicted
 millisecond until the prediction is <= `prune.target_latency_ratio` of the unpruned one
-(`pipeline.latency`); the record then holds the predicted and the measured latency of the float
-model before and after, both exported to ONNX and timed interleaved on that backend.
+(`pipeline.latency`); the record then holds the predicted and the measured latency of the model
+before and after, both exported to ONNX, built as the engine stage builds them (INT8 by the
+backend's PTQ on a few training images) and timed interleaved on that backend.
 
 Outputs: `model` model.pt (the pruned module pickled in an Ultralytics checkpoint: loads with
 `YOLO(path)` and `pipeline.models.load_model`), `layers` layers.csv (every conv: channels before
@@ -34,6 +36,7 @@ from omegaconf import DictConfig
 from pipeline import latency
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
+from pipeline.engines.common import CalibrationSet, pick, split_images
 from pipeline.imgsz import model_imgsz, side
 from pipeline.manifest import atomic_write_text
 from pipeline.models import load_checkpoint, load_model, model_figures, save_checkpoint
@@ -126,11 +129,13 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                      f"is {kept_params:.3f} (pth {pth:.4f}); granularity={pc.granularity} and "
                      f"min_filters={pc.min_filters} set the steps and the floor")
     if unpruned is not None:  # latency mode
+        calib = _calibration(ctx, imgsz) if lat["latency_precision"] == "int8" else None
         lat.update(_measured_latency(unpruned, model, imgsz, lat["latency_backend"], lat["latency_threads"],
-                                     int(pc.latency_runs)))
+                                     int(pc.latency_runs), calib))
         metrics.update(lat)
-        ctx.log.info("latency (%s, %d threads, %d px): predicted %.3f -> %.3f ms (ratio %.3f), measured %.3f -> "
-                     "%.3f ms (ratio %.3f)", lat["latency_backend"], lat["latency_threads"], imgsz,
+        ctx.log.info("latency (%s %s, %d threads, %d px): predicted %.3f -> %.3f ms (ratio %.3f), measured %.3f -> "
+                     "%.3f ms (ratio %.3f)", lat["latency_backend"], lat["latency_precision"], lat["latency_threads"],
+                     imgsz,
                      lat["latency_predicted_before_ms"], lat["latency_predicted_after_ms"],
                      lat["latency_predicted_ratio"], lat["latency_measured_before_ms"],
                      lat["latency_measured_after_ms"], lat["latency_measured_ratio"])
@@ -154,11 +159,13 @@ def _latency_plan(cfg: DictConfig, ctx: StageContext, pruner: ChannelPruner, img
     """The greedy's plan against the (cached, else measured now) latency table, and its figures."""
     pc = cfg.prune
     backend = latency.resolve_backend(str(pc.latency_backend))
+    precision = latency.resolve_precision(str(pc.latency_precision), str(cfg.engine.precision))
     threads = cpu_threads(int(cfg.engine.threads))
-    key = latency.machine_key(backend, imgsz, threads)
-    table = latency.LatencyTable(ctx.results_dir / ".latency" / f"{key}.json", latency.make_timer(backend, threads),
-                                 runs=int(pc.latency_runs), meta={"key": key, "backend": backend,
-                                                                  "threads": threads, "imgsz": imgsz})
+    key = latency.machine_key(backend, imgsz, threads, precision)
+    table = latency.LatencyTable(ctx.results_dir / ".latency" / f"{key}.json",
+                                 latency.make_timer(backend, threads, precision), runs=int(pc.latency_runs),
+                                 meta={"key": key, "backend": backend, "precision": precision,
+                                       "threads": threads, "imgsz": imgsz})
     t0 = time.perf_counter()
     grids, overhead = latency.build_grids(pruner, imgsz, table, **rule)
     table.save()
@@ -173,6 +180,7 @@ def _latency_plan(cfg: DictConfig, ctx: StageContext, pruner: ChannelPruner, img
     return sel.plan, {
         "target_latency_ratio": float(pc.target_latency_ratio),
         "latency_backend": backend,
+        "latency_precision": precision,
         "latency_threads": threads,
         "latency_table": str(table.path.relative_to(ctx.results_dir)) if table.path else None,
         "latency_table_entries": len(table.entries),
@@ -184,12 +192,20 @@ def _latency_plan(cfg: DictConfig, ctx: StageContext, pruner: ChannelPruner, img
     }
 
 
+def _calibration(ctx: StageContext, imgsz: int, images: int = 8) -> CalibrationSet:
+    """A few training images for the INT8 builds of the measured models (their latency, not their mAP)."""
+    data_yaml = ctx.dataset().data_yaml
+    return CalibrationSet(pick(split_images(data_yaml, "train"), images), (imgsz, imgsz), 1,
+                          f"train split of {data_yaml}")
+
+
 def _measured_latency(before: torch.nn.Module, after: torch.nn.Module, imgsz: int, backend: str, threads: int,
-                      runs: int) -> dict[str, Any]:
-    """Both float models exported to ONNX and timed interleaved on the backend the table was measured on."""
+                      runs: int, calib: CalibrationSet | None) -> dict[str, Any]:
+    """Both models exported to ONNX, built as the engine stage builds them (INT8 with `calib`) on the
+    backend the table was measured on, and timed interleaved."""
     with tempfile.TemporaryDirectory() as tmp:
         ms_before, ms_after = latency.measure_models([before, after], imgsz, backend, threads,
-                                                     max(runs, 10), Path(tmp))
+                                                     max(runs, 10), Path(tmp), calib)
     return {"latency_measured_before_ms": round(ms_before, 4), "latency_measured_after_ms": round(ms_after, 4),
             "latency_measured_ratio": round(ms_after / ms_before, 4) if ms_before else None}
 

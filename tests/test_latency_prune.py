@@ -145,18 +145,47 @@ def test_damaged_table_file_is_measured_again(tmp_path):
     assert len(json.loads(path.read_text())["entries"]) == 1
 
 
-def test_machine_key_names_backend_threads_and_size():
+def test_machine_key_names_backend_threads_size_and_precision():
     key = latency.machine_key("openvino", 160, 2)
     assert key.endswith("openvino-t2-160px") and "cores" in key and "/" not in key and " " not in key
+    assert latency.machine_key("openvino", 160, 2, "int8") == f"{key}-int8"  # f32 caches keep their name
+    assert latency.resolve_precision("auto", "int8") == "int8"
+    assert latency.resolve_precision("auto", "fp16") == latency.resolve_precision("auto", "fp32") == "f32"
+    assert latency.resolve_precision("f32", "int8") == "f32"
 
 
+@pytest.mark.parametrize("precision", ["int8", "f32"])
 @pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
-def test_real_timer_measures_one_conv(backend):
+def test_real_timer_measures_one_conv(backend, precision):
     pytest.importorskip(backend)
-    timer = latency.make_timer(backend, threads=1)
+    timer = latency.make_timer(backend, threads=1, precision=precision)
     small = timer((8, 8, 3, 1, 1, 16, 16, True), 3)
     grouped = timer((16, 16, 3, 2, 16, 16, 16, True), 2)  # depthwise, stride 2
-    assert len(small) == 3 and len(grouped) == 2 and all(t > 0 for t in small + grouped)
+    linear = timer((16, 8, 1, 1, 1, 16, 16, False), 2)  # a head output conv: no activation, float out
+    assert len(small) == 3 and len(grouped) == 2 and all(t > 0 for t in small + grouped + linear)
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_int8_table_entry_runs_an_int8_kernel_on_openvino(groups):
+    ov = pytest.importorskip("openvino")
+    key = (16, 16, 3, 1, groups, 16, 16, True)
+    compiled = ov.Core().compile_model(latency.openvino_conv(key, "int8"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    convs = [op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+             if op.get_rt_info()["layerType"].astype(str) == "Convolution"]
+    assert convs and all(p in ("u8", "i8") for p in convs), convs
+    f32 = ov.Core().compile_model(latency.openvino_conv(key, "f32"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert all(op.get_rt_info()["runtimePrecision"].astype(str) == "f32" for op in f32.get_runtime_model().get_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "Convolution")
+
+
+def test_int8_table_entry_is_a_qdq_graph_like_our_exports():
+    onnx = pytest.importorskip("onnx")
+    proto = latency.onnx_conv((16, 16, 3, 1, 1, 16, 16, True), "int8")
+    onnx.checker.check_model(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    # input, weights and the activation's output (the next layer's input) are quantised
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 3 and "Conv" in ops
+    assert "QuantizeLinear" not in [n.op_type for n in latency.onnx_conv((16, 16, 3, 1, 1, 16, 16, True), "f32").graph.node]
 
 
 # ------------------------------------------------------------------ the greedy
@@ -240,6 +269,7 @@ def test_stage_latency_mode_records_predicted_and_measured_latency(tiny64, resul
     m = rec["metrics"]
     assert rec["status"] == "succeeded" and m["mode"] == "latency" and m["pth"] is None
     assert m["latency_backend"] in latency.BACKENDS and m["latency_threads"] == 1 and m["imgsz"] == 64
+    assert m["latency_precision"] == "int8"  # engine.precision=int8: the table and the measurement are INT8
     assert 0 < m["latency_predicted_after_ms"] < m["latency_predicted_before_ms"]
     assert m["latency_predicted_ratio"] <= 0.7 or any("out of reach" in w for w in rec["warnings"])
     assert m["latency_measured_before_ms"] > 0 and m["latency_measured_after_ms"] > 0 and m["latency_measured_ratio"]
