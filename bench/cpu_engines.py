@@ -63,7 +63,7 @@ from pipeline.engines.common import (  # noqa: E402
 )
 from pipeline.manifest import Manifest, Record  # noqa: E402
 from pipeline.models import size_mb  # noqa: E402
-from stages.report import _kind  # noqa: E402  (the report's own control-vs-pruned test)
+from stages.report import _kind, retrain_settings  # noqa: E402  (the report's own lineage kinds and recipes)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write  # noqa: E402,I001
@@ -119,10 +119,18 @@ def discover(results: Path) -> dict[str, Any]:
         retrain = by_stage["retrain"]
         entry = lineages.setdefault(retrain["run_id"], {"kind": kind, "retrain": retrain, "prune": by_stage.get("prune")})
         entry[record["stage"]] = record  # runs are in time order: the newest wins
-    control = [v for v in lineages.values() if v["kind"] == "control"]
+    for lin in lineages.values():
+        settings = retrain_settings(manifest, manifest.lineage(lin["retrain"], runs))
+        lin["recipe"] = None if settings is None else repr(sorted(settings.items()))
+        lin["settings"] = settings or {}
+    # One control per retrain recipe (the newest): a pruned lineage is compared with its own.
+    control = list({v["recipe"]: v for v in lineages.values() if v["kind"] == "control"}.values())
     pruned = [v for v in lineages.values() if v["kind"] == "pruned"]
+    differ = recipe_differences([lin["settings"] for lin in control + pruned])
     for lin in control + pruned:
-        lin["label"] = "control" if lin["kind"] == "control" else prune_label(run_config(manifest, lin["prune"]))
+        label = "control" if lin["kind"] == "control" else prune_label(run_config(manifest, lin["prune"]))
+        extra = ", ".join(f"{k}={lin['settings'].get(k)}" for k in differ)
+        lin["label"] = f"{label} ({extra})" if extra else label
         lin["float"] = manifest.output_of(lin["retrain"], "float_model")
         lin["engine_path"] = manifest.output_of(lin["engine"]) if "engine" in lin else None
         lin["qdq"] = manifest.output_of(lin["export"]) if "export" in lin else None
@@ -130,7 +138,13 @@ def discover(results: Path) -> dict[str, Any]:
     return {"manifest": manifest, "train": train, "unpruned": manifest.output_of(train),
             "data": manifest.abs(data["path"]),
             "train_config": run_config(manifest, train), "control": control[-1] if control else None,
-            "pruned": pruned}
+            "controls": control, "pruned": pruned}
+
+
+def recipe_differences(settings: list[dict[str, Any]]) -> list[str]:
+    """The retrain keys whose values differ between lineages (what their labels must name)."""
+    keys = sorted({k for s in settings for k in s})
+    return [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
 
 
 def ultralytics_export(pt: Path, work: Path, **kwargs: Any) -> Path:
@@ -208,10 +222,10 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
     for row in rows:
         if "absent" not in row:
             row["params"] = unpruned_params
-    lineages = ([found["control"]] if found["control"] else []) + found["pruned"]
+    lineages = found["controls"] + found["pruned"]
     for i, lin in enumerate(lineages):
         params = lin["retrain"]["metrics"].get("params")
-        name = CONTROL if lin["kind"] == "control" else f"ours: {lin['label']}"
+        name = (CONTROL + lin["label"][len("control"):]) if lin["kind"] == "control" else f"ours: {lin['label']}"
         own_size = (lin.get("engine") or lin.get("export") or {}).get("metrics", {}).get("imgsz")
         if isinstance(own_size, list):  # engines record (height, width)
             own_size = max(own_size)
@@ -226,11 +240,12 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
             rows.append({"name": name, "kind": lin["kind"], "absent": "lineage has neither an engine nor an export"})
             continue
         rows.append({"name": name, "kind": lin["kind"], "label": lin["label"], "runtime": "openvino", "path": path,
-                     "params": params, "retrain_run": lin["retrain"]["run_id"]})
+                     "params": params, "retrain_run": lin["retrain"]["run_id"], "recipe": lin["recipe"]})
         if lin["kind"] == "pruned" and lin["float"] is not None:
             pruned_onnx = ultralytics_export(lin["float"], work / f"l{i}_float", format="onnx", imgsz=imgsz, opset=17)
             rows.append({"name": f"ours without QAT: {lin['label']} NNCF PTQ", "kind": "ptq", "label": lin["label"],
                          "runtime": "openvino", "params": params, "retrain_run": lin["retrain"]["run_id"],
+                         "recipe": lin["recipe"],
                          "path": compile_onnx(pruned_onnx, work / f"l{i}_ptq_openvino_model", False, calib, log)})
     return rows
 
@@ -290,24 +305,33 @@ def evaluate_rows(rows: list[dict[str, Any]], data: Path, imgsz: int) -> None:
         row.update(mAP50=res["mAP50"], mAP50_95=res["mAP50_95"])
 
 
+def control_of(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The timed control row retrained with the row's recipe (else the only or newest control)."""
+    controls = [r for r in rows if r.get("kind") == "control" and "latency_ms" in r]
+    same = [r for r in controls if r.get("recipe") == row.get("recipe")]
+    return (same or controls or [None])[-1]
+
+
 def speedups(rows: list[dict[str, Any]]) -> None:
-    """Each timed row's speedup over the vendor, the unpruned FP32 ONNX and the control (None when absent)."""
+    """Each timed row's speedup over the vendor, the unpruned FP32 ONNX and its control (None when absent)."""
     ref = {k: next((r["latency_ms"] for r in rows if r.get("kind") == k and "latency_ms" in r), None)
-           for k in ("vendor", "baseline", "control")}
+           for k in ("vendor", "baseline")}
     for row in rows:
         if "latency_ms" in row:
-            for k, name in (("vendor", "vendor"), ("baseline", "unpruned_fp32_onnx"), ("control", "control")):
+            control = control_of(row, rows)
+            for k, name in (("vendor", "vendor"), ("baseline", "unpruned_fp32_onnx")):
                 row[f"speedup_vs_{name}"] = round(ref[k] / row["latency_ms"], 3) if ref[k] else None
+            row["speedup_vs_control"] = round(control["latency_ms"] / row["latency_ms"], 3) if control else None
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per pruned lineage: >= 2x the vendor, >= 5x the FP32 ONNX, mAP50-95 >= control - 1 point,
     and its QAT engine at least as fast and as accurate as NNCF PTQ of the same model; figures too."""
-    control = next((r for r in rows if r.get("kind") == "control" and "latency_ms" in r), None)
     out: dict[str, Any] = {}
     for row in rows:
         if row.get("kind") != "pruned" or "latency_ms" not in row:
             continue
+        control = control_of(row, rows)
         g: dict[str, Any] = {"vs_vendor": row["speedup_vs_vendor"], "vs_unpruned_fp32_onnx": row["speedup_vs_unpruned_fp32_onnx"]}
         g["vs_vendor_met"] = g["vs_vendor"] is not None and g["vs_vendor"] >= 2.0
         g["vs_unpruned_fp32_onnx_met"] = g["vs_unpruned_fp32_onnx"] is not None and g["vs_unpruned_fp32_onnx"] >= 5.0
@@ -364,7 +388,7 @@ def recipe(found: dict[str, Any]) -> dict[str, Any]:
     """Each lineage's chain as run: stage -> that stage's config section and the command-line overrides."""
     manifest = found["manifest"]
     out: dict[str, Any] = {}
-    for lin in ([found["control"]] if found["control"] else []) + found["pruned"]:
+    for lin in found["controls"] + found["pruned"]:
         leaf = lin.get("engine") or lin.get("export") or lin["retrain"]
         out[lin["label"]] = {r["stage"]: {"run_id": r["run_id"], "overrides": r.get("overrides", []),
                                           "config": run_config(manifest, r).get(r["stage"])}

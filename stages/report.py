@@ -124,6 +124,7 @@ def _rows(manifest: Manifest, runs: list[Record], succeeded: list[Record]) -> li
             "precision": _precision(r), "backend": _backend(r), "seconds": r.get("seconds"),
             "lineage": [a["run_id"] for a in reversed(chain)],
             "kind": _kind(chain), "train_run": train["run_id"] if train is not None else None,
+            "recipe": retrain_recipe(manifest, chain),
         })
     _compare_with_control(rows)
     return rows
@@ -144,29 +145,53 @@ def _kind(chain: list[Record]) -> str:
     return "control" if "retrain" in stages else "unpruned"
 
 
+# Retrain keys that do not change the training budget or recipe (where it ran, what it read).
+_NOT_RECIPE = ("input", "device", "workers", "threads")
+
+
+def retrain_settings(manifest: Manifest, chain: list[Record]) -> dict[str, Any] | None:
+    """A lineage's retrain recipe: its retrain run's `retrain.*` config, less the input and where it ran;
+    None without a retrain run or its config.yaml."""
+    retrain = next((a for a in chain if a["stage"] == "retrain"), None)
+    path = manifest.abs(retrain["run_dir"]) / "config.yaml" if retrain is not None and retrain.get("run_dir") else None
+    if path is None or not path.exists():
+        return None
+    config = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("retrain") or {}
+    return {k: v for k, v in config.items() if k not in _NOT_RECIPE}
+
+
+def retrain_recipe(manifest: Manifest, chain: list[Record]) -> str | None:
+    """`retrain_settings` as a comparable string (None when unknown)."""
+    settings = retrain_settings(manifest, chain)
+    return None if settings is None else repr(sorted(settings.items()))
+
+
 def _compare_with_control(rows: list[dict[str, Any]]) -> None:
     """mAP50-95 minus the control's, and speedups over the control's engine and the unpruned FP32 ONNX.
 
     Within one trained model's family of lineages: a pruned row is compared with the newest control
-    row of the same stage (retrain with retrain, engine with engine); speedups are quoted against the
-    newest control engine and the newest unpruned float export (ONNX Runtime, batch 1), as measured by
+    row of the same stage (retrain with retrain, engine with engine) **retrained with the same recipe**
+    (`retrain_recipe`: a results dir holding a sweep over retrain.distill or retrain.epochs has one
+    control per recipe, and a control with another budget is no control); speedups are quoted against
+    that control's engine and the newest unpruned float export (ONNX Runtime, batch 1), as measured by
     their own stages.
     """
-    def newest(train_run: str | None, kind: str, stage: str, ok=lambda r: True) -> dict[str, Any] | None:
-        found = [r for r in rows if r["train_run"] == train_run and r["kind"] == kind and r["stage"] == stage and ok(r)]
+    def newest(row: dict[str, Any], kind: str, stage: str, ok=lambda r: True) -> dict[str, Any] | None:
+        found = [r for r in rows if r["train_run"] == row["train_run"] and r["kind"] == kind and r["stage"] == stage
+                 and (kind != "control" or row.get("recipe") is None or r.get("recipe") == row["recipe"]) and ok(r)]
         return found[-1] if found else None
 
     for row in rows:
         if row["kind"] == "unpruned" and row["stage"] == "train":
             continue
-        control = newest(row["train_run"], "control", row["stage"])
+        control = newest(row, "control", row["stage"])
         if control is not None and row["mAP50_95"] is not None and control["mAP50_95"] is not None:
             row["mAP50_95_vs_control"] = row["mAP50_95"] - control["mAP50_95"]
         latency = row.get("latency_ms")
         if not latency:
             continue
-        engine = newest(row["train_run"], "control", "engine", lambda r: bool(r.get("latency_ms")))
-        fp32 = newest(row["train_run"], "unpruned", "export",
+        engine = newest(row, "control", "engine", lambda r: bool(r.get("latency_ms")))
+        fp32 = newest(row, "unpruned", "export",
                       lambda r: bool(r.get("latency_ms")) and str(r.get("precision")).startswith("fp32"))
         if engine is not None:
             row["speedup_vs_control"] = engine["latency_ms"] / latency

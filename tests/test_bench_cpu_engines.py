@@ -63,11 +63,12 @@ def results(tmp_path) -> Path:
     c_export = _record(m, "export", 4, parent=c_retrain)
     _record(m, "engine", 5, parent=c_export, folder=True)
     p1 = _record(m, "prune", 6, parent=train, config={"prune": {"mode": "threshold", "pth": 0.5}})
-    r1 = _record(m, "retrain", 7, parent=p1, float_model=True)
+    recipe = {"retrain": {"epochs": 2, "qat_epochs": 1}}
+    r1 = _record(m, "retrain", 7, parent=p1, float_model=True, config=recipe)
     e1 = _record(m, "export", 8, parent=r1)
     _record(m, "engine", 9, parent=e1, folder=True)
     p2 = _record(m, "prune", 10, parent=train, config={"prune": {"mode": "latency", "target_latency_ratio": 0.4}})
-    r2 = _record(m, "retrain", 11, parent=p2, float_model=True)
+    r2 = _record(m, "retrain", 11, parent=p2, float_model=True, config=recipe)
     _record(m, "export", 12, parent=r2)
     return m.root
 
@@ -84,6 +85,28 @@ def test_discover_tells_control_from_pruned_lineages(bench, results):
     threshold, latency = found["pruned"]
     assert threshold["engine_path"].is_dir() and threshold["float"].name == "float.pt"
     assert latency["engine_path"] is None and latency["qdq"].name == "model.bin"  # compiled from its export
+
+
+def test_each_retrain_recipe_has_its_control(bench, results):
+    """A second recipe (retrain.distill=false) in the same results dir: its own control and labels."""
+    m = Manifest(results)
+    train = m.succeeded("train")[-1]["run_id"]
+    prune = m.succeeded("prune")[0]["run_id"]
+    off = {"retrain": {"epochs": 2, "qat_epochs": 1, "distill": False}}
+    c = _record(m, "retrain", 13, parent=train, config=off, float_model=True)
+    _record(m, "engine", 15, parent=_record(m, "export", 14, parent=c), folder=True)
+    p = _record(m, "retrain", 16, parent=prune, config=off, float_model=True)
+    _record(m, "engine", 18, parent=_record(m, "export", 17, parent=p), folder=True)
+    found = bench.discover(results)
+    assert [lin["label"] for lin in found["controls"]] == ["control (distill=None)", "control (distill=False)"]
+    assert [lin["label"] for lin in found["pruned"]] == [
+        "threshold pth=0.5 (distill=None)", "latency ratio=0.4 (distill=None)", "threshold pth=0.5 (distill=False)"]
+    rows = [{"name": "c_on", "kind": "control", "recipe": found["controls"][0]["recipe"], "latency_ms": 10.0},
+            {"name": "c_off", "kind": "control", "recipe": found["controls"][1]["recipe"], "latency_ms": 20.0},
+            {"name": "p_off", "kind": "pruned", "recipe": found["pruned"][2]["recipe"], "latency_ms": 5.0}]
+    assert bench.control_of(rows[2], rows)["name"] == "c_off"
+    bench.speedups(rows)
+    assert rows[2]["speedup_vs_control"] == 4.0
 
 
 def test_prune_labels_name_mode_and_setting(bench):

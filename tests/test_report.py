@@ -229,3 +229,32 @@ def test_imgsz_column_shows_the_size_the_figures_are_at():
 
     assert _imgsz(320) == "320" and _imgsz([320, 320]) == "320" and _imgsz([96, 128]) == "96x128"
     assert _imgsz(None) is None
+
+
+def test_each_pruned_lineage_is_compared_with_the_control_of_its_own_retrain_recipe(tmp_path):
+    """A sweep over retrain.distill leaves two controls; each pruned lineage meets its own, not the newest."""
+    m = Manifest(tmp_path / "results")
+    fig = {"params": 3_000_000, "gflops": 8.0, "size_mb": 6.0}
+    small = {"params": 1_000_000, "gflops": 3.0, "size_mb": 2.0}
+    train = _record(m, "train", 1, {"mAP50": 0.5, "mAP50_95": 0.30, **fig})
+    pr = _record(m, "prune", 2, {"mAP50": 0.3, "mAP50_95": 0.2, "pth": 0.5, "kept_params_ratio": 0.33, **small},
+                 parent=train)
+    recipe = {"epochs": 8, "qat_epochs": 3, "device": "cpu"}
+    engines = {}
+    n = 3
+    for distill, (c_map, p_map) in {True: (0.40, 0.39), False: (0.43, 0.425)}.items():
+        cfg = {"retrain": {**recipe, "distill": distill, "input": f"x{n}.pt"}}
+        c_re = _record(m, "retrain", n, {"mAP50": 0.6, "mAP50_95": c_map, **fig}, parent=train, config=cfg)
+        c_en = _record(m, "engine", n + 1, {"mAP50": 0.6, "mAP50_95": c_map, "latency_ms": 8.0 if distill else 10.0,
+                                            "precision": "int8", **fig}, parent=c_re)
+        # the pruned lineage's retrain ran on another device and input: still the same recipe
+        p_cfg = {"retrain": {**recipe, "distill": distill, "input": f"y{n}.pt", "device": "0"}}
+        p_re = _record(m, "retrain", n + 2, {"mAP50": 0.6, "mAP50_95": p_map, **small}, parent=pr, config=p_cfg)
+        engines[distill] = _record(m, "engine", n + 3, {"mAP50": 0.6, "mAP50_95": p_map, "latency_ms": 4.0,
+                                                        "precision": "int8", **small}, parent=p_re)
+        n += 4
+    rows = {r["run_id"]: r for r in run_report(_cfg(m.root, plots=False))["rows"]}
+    assert rows[engines[True]]["mAP50_95_vs_control"] == pytest.approx(0.39 - 0.40)  # not 0.39 - 0.43
+    assert rows[engines[True]]["speedup_vs_control"] == pytest.approx(8.0 / 4.0)
+    assert rows[engines[False]]["mAP50_95_vs_control"] == pytest.approx(0.425 - 0.43)
+    assert rows[engines[False]]["speedup_vs_control"] == pytest.approx(10.0 / 4.0)
