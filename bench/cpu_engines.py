@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -61,6 +60,7 @@ from pipeline.engines.common import (  # noqa: E402
     pick,
     split_images,
 )
+from pipeline.latency import timed_calls  # noqa: E402
 from pipeline.manifest import Manifest, Record  # noqa: E402
 from pipeline.models import size_mb  # noqa: E402
 from stages.report import _kind, retrain_settings  # noqa: E402  (the report's own lineage kinds and recipes)
@@ -267,14 +267,7 @@ def time_block(row: dict[str, Any], x: Any, threads: int, warmup: int, runs: int
     """One block: the row's artifact loaded in this (fresh) process, `warmup` calls, then `runs` timed
     calls (ms); plus what the runtime says it executes."""
     row = dict(row)
-    call = runner(row, x, threads)
-    for _ in range(warmup):
-        call()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        call()
-        out.append((time.perf_counter() - t0) * 1e3)
+    out = timed_calls(runner(row, x, threads), runs, warmup)
     return out, {k: row[k] for k in ("precision", "inference_precision_hint") if k in row}
 
 

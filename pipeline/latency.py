@@ -115,8 +115,9 @@ def _weights(key: ConvKey) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return rng.random((1, cin, h, w), dtype=np.float32), weight, np.zeros((1, cout, 1, 1), np.float32)
 
 
-def _timed(call: Callable[[], Any], runs: int) -> list[float]:
-    for _ in range(WARMUP):
+def timed_calls(call: Callable[[], Any], runs: int, warmup: int = WARMUP) -> list[float]:
+    """Milliseconds of each of `runs` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
         call()
     out = []
     for _ in range(runs):
@@ -180,7 +181,7 @@ def openvino_timer(threads: int, precision: str = "int8") -> Timer:
     def timer(key: ConvKey, runs: int) -> list[float]:
         x = _weights(key)[0]
         request = core.compile_model(openvino_conv(key, precision), "CPU", config).create_infer_request()
-        return _timed(lambda: request.infer({0: x}), runs)
+        return timed_calls(lambda: request.infer({0: x}), runs)
 
     return timer
 
@@ -239,7 +240,7 @@ def onnxruntime_timer(threads: int, precision: str = "int8") -> Timer:
         x = _weights(key)[0]
         session = ort.InferenceSession(onnx_conv(key, precision).SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
-        return _timed(lambda: session.run(None, {"x": x}), runs)
+        return timed_calls(lambda: session.run(None, {"x": x}), runs)
 
     return timer
 

@@ -245,8 +245,8 @@ def test_each_pruned_lineage_is_compared_with_the_control_of_its_own_retrain_rec
     for distill, (c_map, p_map) in {True: (0.40, 0.39), False: (0.43, 0.425)}.items():
         cfg = {"retrain": {**recipe, "distill": distill, "input": f"x{n}.pt"}}
         c_re = _record(m, "retrain", n, {"mAP50": 0.6, "mAP50_95": c_map, **fig}, parent=train, config=cfg)
-        c_en = _record(m, "engine", n + 1, {"mAP50": 0.6, "mAP50_95": c_map, "latency_ms": 8.0 if distill else 10.0,
-                                            "precision": "int8", **fig}, parent=c_re)
+        _record(m, "engine", n + 1, {"mAP50": 0.6, "mAP50_95": c_map, "latency_ms": 8.0 if distill else 10.0,
+                                     "precision": "int8", **fig}, parent=c_re)
         # the pruned lineage's retrain ran on another device and input: still the same recipe
         p_cfg = {"retrain": {**recipe, "distill": distill, "input": f"y{n}.pt", "device": "0"}}
         p_re = _record(m, "retrain", n + 2, {"mAP50": 0.6, "mAP50_95": p_map, **small}, parent=pr, config=p_cfg)
