@@ -125,8 +125,9 @@ class RetrainConfig(FitConfig):
     calib_batches: int = 8  # training batches used to calibrate quantiser ranges
     # quantise the Detect head's output convs too (as NNCF PTQ does); false = Ultralytics' float ones
     qat_head: bool = True
-    # distil from the unpruned parent (the train run in the lineage) in both phases (Ultralytics' distill_model)
-    distill: bool = True
+    # distil from the unpruned parent (the train run in the lineage) in both phases (Ultralytics' distill_model);
+    # off by default: it cost 1.7-2.7 mAP50-95 points in every equal-budget run measured (docs/retrain-qat.md)
+    distill: bool = False
     distill_weight: float = 6.0  # weight of the distillation loss (Ultralytics' dis)
 
 

@@ -303,7 +303,7 @@ def test_distillation_from_the_unpruned_parent_changes_the_loss_and_can_be_switc
     results = trained_and_pruned
     manifest = Manifest(results)
     train_id = manifest.succeeded("train")[-1]["run_id"]
-    proc = run_cli("stage=retrain", "experiment=smoke", f"results_dir={results}")  # distill=true by default, + QAT
+    proc = run_cli("stage=retrain", "experiment=smoke", "retrain.distill=true", f"results_dir={results}")  # + QAT
     assert proc.returncode == 0, proc.stderr[-3000:]
     on = manifest.succeeded("retrain")[-1]
     assert on["distilled_from"] == train_id
@@ -312,8 +312,7 @@ def test_distillation_from_the_unpruned_parent_changes_the_loss_and_can_be_switc
     assert qat.checkpoint_is_qat(outputs["model"])
     assert count_params(load_model(outputs["model"])) == on["metrics"]["params"]  # the student, not the teacher
 
-    proc = run_cli("stage=retrain", "experiment=smoke", "retrain.distill=false", "retrain.qat=false",
-                   f"results_dir={results}")
+    proc = run_cli("stage=retrain", "experiment=smoke", "retrain.qat=false", f"results_dir={results}")  # off by default
     assert proc.returncode == 0, proc.stderr[-3000:]
     off = manifest.succeeded("retrain")[-1]
     assert "distilled_from" not in off
