@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -115,19 +116,27 @@ def test_every_tensor_has_at_most_one_activation_quantiser(exported):
 def test_detect_decode_stays_float(exported):
     default, ruled = (Graph(m) for m in exported)
 
+    def head_conv(name: str) -> bool:
+        # the Detect layer's convolutions: its Conv blocks and the box/class output convs (cv2.i.2 /
+        # cv3.i.2, quantised by retrain.qat_head as NNCF's PTQ quantises them)
+        return "/conv/" in name or ".conv." in name or re.search(r"/cv[23]\.\d+\.\d+/", name) is not None
+
     def decode_qdq(g: Graph) -> list[str]:
-        # The decode: everything in the Detect layer except its convolution blocks' own quantisers.
+        # The decode: everything in the Detect layer except its convolutions' own quantisers.
         return [n.name for n in g.nodes if qdq_rules._layer(n.name) == g.head
-                and n.op_type in ("QuantizeLinear", "DequantizeLinear") and "/conv/" not in n.name]
+                and n.op_type in ("QuantizeLinear", "DequantizeLinear") and not head_conv(n.name)]
 
     assert decode_qdq(ruled) == decode_qdq(default) == []
+    outputs = [n for n in ruled.nodes if qdq_rules._layer(n.name) == ruled.head and n.op_type == "Conv"
+               and re.search(r"/cv[23]\.\d+/cv[23]\.\d+\.2/", n.name)]
+    assert outputs and all(ruled.producer[n.input[1]].op_type == "DequantizeLinear" for n in outputs)  # INT8 weights
     decode = [n for n in ruled.nodes if qdq_rules._layer(n.name) == ruled.head and n.op_type != "Constant"
-              and "/conv/" not in n.name and ".conv." not in n.name]
+              and not head_conv(n.name)]
     assert any("dfl" in n.name for n in decode)
     for n in decode:
         for i in n.input:
             p = ruled.producer.get(i)
-            assert p is None or p.op_type != "DequantizeLinear" or "/conv/" in p.name, n.name
+            assert p is None or p.op_type != "DequantizeLinear" or head_conv(p.name), n.name
 
 
 def test_rules_keep_the_outputs(exported):
