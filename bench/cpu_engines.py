@@ -47,8 +47,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from omegaconf import OmegaConf  # noqa: E402
-
 import pipeline  # noqa: E402,F401  (offline Ultralytics, OpenVINO telemetry blocked)
 from pipeline.engines import onnxruntime as ortb  # noqa: E402
 from pipeline.engines import openvino as ovb  # noqa: E402
@@ -63,7 +61,7 @@ from pipeline.engines.common import (  # noqa: E402
 from pipeline.latency import timed_calls  # noqa: E402
 from pipeline.manifest import Manifest, Record  # noqa: E402
 from pipeline.models import size_mb  # noqa: E402
-from stages.report import _kind, retrain_settings  # noqa: E402  (the report's own lineage kinds and recipes)
+from stages.report import _kind, recipe_key, retrain_settings  # noqa: E402  (the report's own lineage kinds and recipes)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write  # noqa: E402,I001
@@ -75,9 +73,8 @@ FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "
 
 
 def run_config(manifest: Manifest, record: Record) -> dict[str, Any]:
-    """The resolved config a run was recorded with (its run folder's config.yaml)."""
-    path = manifest.abs(record["run_dir"]) / "config.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.exists() else {}
+    """The resolved config a run was recorded with ({} when it has none)."""
+    return manifest.config_of(record) or {}
 
 
 def prune_label(config: dict[str, Any]) -> str:
@@ -121,7 +118,7 @@ def discover(results: Path) -> dict[str, Any]:
         entry[record["stage"]] = record  # runs are in time order: the newest wins
     for lin in lineages.values():
         settings = retrain_settings(manifest, manifest.lineage(lin["retrain"], runs))
-        lin["recipe"] = None if settings is None else repr(sorted(settings.items()))
+        lin["recipe"] = recipe_key(settings)
         lin["settings"] = settings or {}
     # One control per retrain recipe (the newest): a pruned lineage is compared with its own.
     control = list({v["recipe"]: v for v in lineages.values() if v["kind"] == "control"}.values())

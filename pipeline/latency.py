@@ -5,9 +5,9 @@ on deploy) at its input resolution, stride, kernel and groups, and timed on the 
 (OpenVINO on CPUs, ONNX Runtime as the fallback) at the deploy precision: median of `runs` timed
 calls after a warm-up. `int8` (the engine's default) quantises the conv as the deployed graph does:
 a per-tensor quantiser on its input, per-channel INT8 weights and, after an activation, the next
-layer's input quantiser, so the backend runs its INT8 kernel and writes INT8 (an f32 table costs a
-64-channel 3x3 conv about 3x what its INT8 kernel takes, and 1x1 convs about the same: the ranking
-of what to cut differs). `f32` times the float conv.
+layer's input quantiser, so the backend runs its INT8 kernel and writes INT8 (INT8 saves more on
+wide 3x3 convs than on 1x1 ones, so an f32 table ranks what to cut differently: figures in
+docs/prune.md). `f32` times the float conv.
 A conv is measured on a grid of the channel counts a plan can give it (multiples of granularity
 from the min_filters floor up to the full width, `GRID_LEVELS` of them per side it can lose);
 between grid points the prediction is bilinear. Every single-conv call pays the backend's fixed
@@ -171,12 +171,13 @@ def openvino_conv(key: ConvKey, precision: str = "int8") -> Any:
 
 
 def openvino_timer(threads: int, precision: str = "int8") -> Timer:
-    """Times `openvino_conv`, compiled for latency with f32 float parts."""
+    """Times `openvino_conv`, compiled for latency with f32 float parts (the engine stage's settings)."""
     import openvino as ov
 
+    from pipeline.engines import openvino as ovb
+
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "f32"}
+    config = ovb.compile_config("f32", {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"})
 
     def timer(key: ConvKey, runs: int) -> list[float]:
         x = _weights(key)[0]
@@ -229,17 +230,12 @@ def onnx_conv(key: ConvKey, precision: str = "int8") -> Any:
 
 
 def onnxruntime_timer(threads: int, precision: str = "int8") -> Timer:
-    """Times `onnx_conv` on ONNX Runtime's CPU provider."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads)
-    options.inter_op_num_threads = 1
+    """Times `onnx_conv` on ONNX Runtime's CPU provider (the engine stage's session settings)."""
+    from pipeline.engines import onnxruntime as ortb
 
     def timer(key: ConvKey, runs: int) -> list[float]:
         x = _weights(key)[0]
-        session = ort.InferenceSession(onnx_conv(key, precision).SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = ortb.session(onnx_conv(key, precision).SerializeToString(), threads)
         return timed_calls(lambda: session.run(None, {"x": x}), runs)
 
     return timer

@@ -137,6 +137,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def recorded_config(record: Record, root: str | Path) -> dict[str, Any] | None:
+    """The resolved config a run was recorded with (`<run_dir>/config.yaml`, written by the runner);
+    None when the record has no run folder, the file is missing, or it does not parse."""
+    import yaml
+
+    if not record.get("run_dir"):
+        return None
+    path = Path(record["run_dir"])
+    path = (path if path.is_absolute() else Path(root) / path) / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else {}
+
+
 def now_iso() -> str:
     """The current time as records store it (ISO 8601, UTC, seconds)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -395,6 +411,10 @@ class Manifest:
     def abs(self, rel_path: str) -> Path:
         p = Path(rel_path)
         return p if p.is_absolute() else self.root / p
+
+    def config_of(self, record: Record) -> dict[str, Any] | None:
+        """`recorded_config` of a record of this manifest."""
+        return recorded_config(record, self.root)
 
     def output_of(self, record: Record, role: str = "model") -> Path | None:
         """Absolute path of a record's output with this role (None when it has none)."""

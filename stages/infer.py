@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.context import StageContext, StageResult
@@ -250,11 +249,8 @@ def _resume(cfg: Any, ctx: StageContext, source: Path, scan: FolderScan, writer:
         if record["stage"] != "infer" or record["status"] != FAILED or record["run_id"] == ctx.run_id:
             continue
         old_dir = ctx.manifest.abs(record["run_dir"])
-        try:
-            old_cfg = OmegaConf.load(old_dir / "config.yaml").infer
-        except (OSError, AttributeError, ValueError):
-            continue
-        if old_cfg.get("source") is None or _source_key(old_cfg.source) != str(source):
+        old_cfg = (ctx.manifest.config_of(record) or {}).get("infer")
+        if not isinstance(old_cfg, dict) or old_cfg.get("source") is None or _source_key(old_cfg["source"]) != str(source):
             continue
         old_model = next((e.get("sha256") for e in record.get("inputs", []) if e.get("role") == "model"), None)
         changed = [k for k in RESUME_KEYS if old_cfg.get(k) != cfg.infer.get(k)]

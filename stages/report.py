@@ -13,8 +13,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.errors import UserError
 from pipeline.manifest import (
     FAILED,
@@ -24,6 +22,7 @@ from pipeline.manifest import (
     Record,
     atomic_write_bytes,
     atomic_write_text,
+    recorded_config,
 )
 from stages import STAGES
 
@@ -68,13 +67,10 @@ def _prune_setting(record: dict[str, Any], root: Path) -> float | str | None:
         return f"latency={m['target_latency_ratio']:g}"
     if m.get("mode") == "target" and m.get("target_params_ratio") is not None:
         return f"target={m['target_params_ratio']:g}"
-    cfg_path = root / record["run_dir"] / "config.yaml" if record.get("run_dir") else None
-    if cfg_path is None or not cfg_path.is_file():
+    config = recorded_config(record, root)
+    if config is None:
         return m.get("pth")
-    try:
-        prune = (yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}).get("prune") or {}
-    except yaml.YAMLError:
-        return None
+    prune = config.get("prune") or {}
     if prune.get("mode") == "target" and prune.get("target_params_ratio") is not None:
         return f"target={prune['target_params_ratio']:g}"
     return prune.get("pth")
@@ -153,17 +149,20 @@ def retrain_settings(manifest: Manifest, chain: list[Record]) -> dict[str, Any] 
     """A lineage's retrain recipe: its retrain run's `retrain.*` config, less the input and where it ran;
     None without a retrain run or its config.yaml."""
     retrain = next((a for a in chain if a["stage"] == "retrain"), None)
-    path = manifest.abs(retrain["run_dir"]) / "config.yaml" if retrain is not None and retrain.get("run_dir") else None
-    if path is None or not path.exists():
+    config = manifest.config_of(retrain) if retrain is not None else None
+    if config is None:
         return None
-    config = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("retrain") or {}
-    return {k: v for k, v in config.items() if k not in _NOT_RECIPE}
+    return {k: v for k, v in (config.get("retrain") or {}).items() if k not in _NOT_RECIPE}
+
+
+def recipe_key(settings: dict[str, Any] | None) -> str | None:
+    """Retrain settings as a comparable string (None when unknown)."""
+    return None if settings is None else repr(sorted(settings.items()))
 
 
 def retrain_recipe(manifest: Manifest, chain: list[Record]) -> str | None:
     """`retrain_settings` as a comparable string (None when unknown)."""
-    settings = retrain_settings(manifest, chain)
-    return None if settings is None else repr(sorted(settings.items()))
+    return recipe_key(retrain_settings(manifest, chain))
 
 
 def _compare_with_control(rows: list[dict[str, Any]]) -> None:

@@ -40,15 +40,17 @@ def require_onnxruntime() -> Any:
     return require("onnxruntime", INSTALL_HINT)
 
 
-def session(path: str | Path, threads: int = 2) -> Any:
-    """A CPU inference session using `threads` intra-op threads (one inter-op thread)."""
+def session(path: str | Path | bytes, threads: int = 2) -> Any:
+    """A CPU inference session using `threads` intra-op threads (one inter-op thread), from a file or
+    a serialised model."""
     ort = require_onnxruntime()
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def run(sess: Any, batch: np.ndarray, fixed_batch: int | None = None) -> np.ndarray:
