@@ -178,6 +178,7 @@ class ExportConfig:
     batch: int = 1  # fixed batch when dynamic=false
     half: bool = False  # FP16 weights
     qdq_rules: bool = True  # QAT exports: QDQ placement rules so the INT8 graph fuses (docs/deploy.md)
+    merge_convs: bool = True  # pruned C2f: its two 1x1 convs (cv1a, cv1b) back into one conv + Split (exact)
     simplify: bool = True  # onnxslim graph simplification
     nms: bool = False  # put NMS inside the graph (standard ONNX NonMaxSuppression)
     nms_conf: float = 0.25  # with nms: confidence threshold baked into the graph

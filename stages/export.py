@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import qdq_rules
+from pipeline import graph_merge, qdq_rules
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
 from pipeline.engines import onnxruntime as ortb
@@ -62,6 +62,8 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         plain = copy.deepcopy(proto) if qat and e.qdq_rules else proto
         # One INT8 scale per Concat/Split/MaxPool/residual-Add group, so runtimes fuse (pipeline.qdq_rules).
         rules = qdq_rules.apply(proto) if plain is not proto else None
+        # One conv + Split per pruned C2f instead of two convs on one input (exact; pipeline.graph_merge).
+        merged = graph_merge.merge_split_convs(proto) if e.merge_convs else 0
         atomic_write_bytes(out, proto.SerializeToString())
         # With NMS inside, outputs are post-NMS detections; parity is checked on the same network
         # exported without it (the NMS part is proven by the mAP of the real artifact below). It
@@ -80,7 +82,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         **figures, "size_mb": size_mb(out), "max_abs_diff": diff, "mean_rel_diff": rel, "parity_images": len(batch),
         "parity_scope": "network outputs before NMS" if e.nms else "network outputs",
         "qdq_nodes": qdq_nodes(proto), "qat": qat, "opset": int(e.opset), "imgsz": imgsz,
-        "dynamic": bool(e.dynamic), "half": bool(e.half), "nms": bool(e.nms),
+        "dynamic": bool(e.dynamic), "half": bool(e.half), "nms": bool(e.nms), "merged_convs": merged,
     }
     if rules is not None:
         metrics.update(qdq_rules=rules, parity_scope=f"{metrics['parity_scope']}, before the QDQ placement rules")
