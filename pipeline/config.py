@@ -164,6 +164,8 @@ class PruneConfig:
     granularity: int = 8  # kept channels rounded up to a multiple of this
     min_filters: int = 16  # keep at least min(min_filters, width) channels
     excluded_layers: list[str] = field(default_factory=list)  # module name patterns (fnmatch)
+    # depth pruning: remove this many residual bottlenecks of C2f/C3k2 blocks, smallest branch first (docs/prune.md)
+    drop_blocks: int = 0
     evaluate: bool = True  # measure mAP right after pruning
 
 
@@ -315,7 +317,7 @@ _RANGES: dict[type, dict[str, tuple[float, float]]] = {
     EvaluateConfig: {"imgsz": _SIDE, "batch": _BATCH, "conf": (0.0, 1.0), "iou": (0.0, 1.0), "threads": _THREADS},
     PruneConfig: {"pth": (0.0, 1.0), "target_params_ratio": (0.0, 1.0), "granularity": (1, 4096),
                   "min_filters": (1, 4096), "target_flops_ratio": (0.0, 1.0), "target_latency_ratio": (0.0, 1.0),
-                  "latency_runs": (1, 100000)},
+                  "latency_runs": (1, 100000), "drop_blocks": (0, 4096)},
     ExportConfig: {"opset": (11, 23), "imgsz": _SIDE, "batch": _BATCH, "nms_conf": (0.0, 1.0),
                    "nms_iou": (0.0, 1.0), "latency_runs": (1, 1000000), "threads": _THREADS},
     EngineConfig: {"calib_images": (1, 1000000), "calib_batch": _BATCH, "threads": _THREADS, "min_batch": _BATCH,

@@ -13,10 +13,14 @@ millisecond until the prediction is <= `prune.target_latency_ratio` of the unpru
 before and after, both exported to ONNX, built as the engine stage builds them (INT8 by the
 backend's PTQ on a few training images) and timed interleaved on that backend.
 
+`prune.drop_blocks` then removes that many whole residual bottlenecks of C2f / C3k2 blocks, those
+whose branch is smallest on real training images (`pipeline.depth`): each one is two convolutions
+and an Add fewer, which channel pruning cannot give (a CPU runtime pays a fixed time per node).
+
 Outputs: `model` model.pt (the pruned module pickled in an Ultralytics checkpoint: loads with
 `YOLO(path)` and `pipeline.models.load_model`), `layers` layers.csv (every conv: channels before
 and after). Metrics: params, gflops, size_mb, kept_params_ratio (pruned / original),
-kept_flops_ratio, pth, mode, the latency_* figures (mode=latency) and, with `prune.evaluate`, mAP50 / mAP50_95 right after pruning
+kept_flops_ratio, pth, mode, blocks_dropped / residual_blocks / block_branch_ratios, the latency_* figures (mode=latency) and, with `prune.evaluate`, mAP50 / mAP50_95 right after pruning
 (expect a drop until retrain).
 """
 
@@ -33,10 +37,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline import latency
+from pipeline import depth, latency
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
-from pipeline.engines.common import CalibrationSet, pick, split_images
+from pipeline.engines.common import CalibrationSet, load_batch, pick, split_images
 from pipeline.imgsz import model_imgsz, side
 from pipeline.manifest import atomic_write_text
 from pipeline.models import load_checkpoint, load_model, model_figures, save_checkpoint
@@ -75,6 +79,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         plan = pruner.plan(pth, **rule)
     conv_flops_ratio = pruner.count_flops(plan, imgsz) / flops_before if flops_before else None
     pruner.apply(plan)
+    dropped = _drop_blocks(ctx, model, int(pc.drop_blocks), imgsz)
     seconds = time.perf_counter() - t0
     q_min, q10, q50 = pruner.score_quantiles((0.0, 0.1, 0.5))
     ctx.log.info("normalised channel scores: min %.3f, 10%% %.3f, median %.3f (pth below the min removes nothing)",
@@ -90,7 +95,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         "pruning": {"mode": str(pc.mode), "pth": None if pc.mode == "latency" else pth, "normalizer": str(pc.normalizer),
                     "equalization": str(pc.equalization), "granularity": int(pc.granularity),
                     "min_filters": int(pc.min_filters), "excluded_layers": list(pc.excluded_layers),
-                    "source": str(src)},
+                    "blocks_dropped": dropped["blocks_dropped"], "source": str(src)},
     }, half=True)  # FP16 like the trained best.pt it came from: size_mb drops with params
     layers_csv = ctx.run_dir / "layers.csv"
     atomic_write_text(layers_csv, _layers_table(channels_before, layer_channels(model)))
@@ -113,6 +118,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
         "score_p10": round(q10, 4),
         "score_median": round(q50, 4),
         "prune_seconds": round(seconds, 3),
+        **dropped,
         "mAP50": None,
         "mAP50_95": None,
     }
@@ -190,6 +196,24 @@ def _latency_plan(cfg: DictConfig, ctx: StageContext, pruner: ChannelPruner, img
         "latency_predicted_ratio": round(sel.predicted_ratio, 4),
         "latency_greedy_steps": sel.steps,
     }
+
+
+def _drop_blocks(ctx: StageContext, model: torch.nn.Module, count: int, imgsz: int,
+                 images: int = 16) -> dict[str, Any]:
+    """Depth pruning (`prune.drop_blocks`): the residual bottlenecks with the smallest branch on real
+    training images removed (pipeline.depth); their names and every block's branch ratio."""
+    blocks = depth.residual_blocks(model)
+    if count == 0:
+        return {"blocks_dropped": [], "residual_blocks": len(blocks)}
+    if count > len(blocks):
+        ctx.warn(f"prune.drop_blocks={count}: this model has {len(blocks)} residual bottlenecks; removing all of them")
+    paths = pick(split_images(ctx.dataset().data_yaml, "train"), images)
+    ratios = depth.branch_ratios(model, torch.from_numpy(load_batch(paths, (imgsz, imgsz))))
+    chosen = depth.drop(model, depth.choose(ratios, count))
+    ctx.log.info("depth pruning: removed %d of %d residual bottlenecks (branch / input norm on %d training images): %s",
+                 len(chosen), len(blocks), len(paths), ", ".join(f"{n} {ratios[n]:.3f}" for n in chosen))
+    return {"blocks_dropped": chosen, "residual_blocks": len(blocks),
+            "block_branch_ratios": {n: round(r, 4) for n, r in ratios.items()}}
 
 
 def _calibration(ctx: StageContext, imgsz: int, images: int = 8) -> CalibrationSet:
