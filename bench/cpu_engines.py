@@ -14,7 +14,8 @@ scratch folder, and times:
     OpenVINO (`format=openvino` refuses QAT models); a row that says why when it cannot be built
   - the control: the control lineage's engine (the unpruned model through the same retrain/engine)
   - ours: every pruned lineage's engine, labelled with its prune mode and setting
-  - ours without QAT: the same lineage's pruned float model -> OpenVINO INT8 by NNCF PTQ
+  - ours without QAT: the same lineage's pruned float model through our export stage -> OpenVINO INT8
+    by NNCF PTQ
 
 batch 1, fixed threads, in interleaved blocks (these machines are noisy: compare ratios, never
 numbers from different runs), each block of each artifact in a fresh process of its own (two
@@ -185,7 +186,7 @@ def stage_export(pt: Path, data: Path, imgsz: int, results: Path) -> Path:
     anchor count into the graph, so another size needs its own export.
     """
     subprocess.run([sys.executable, "-m", "pipeline", "stage=export", f"export.input={pt}", f"export.imgsz={imgsz}",
-                    f"dataset.path={data}", f"results_dir={results}"], check=True, cwd=REPO)
+                    f"dataset.path={data}", f"results_dir={results}", "export.evaluate=false"], check=True, cwd=REPO)
     manifest = Manifest(results)
     return manifest.output_of(manifest.succeeded("export")[-1])
 
@@ -239,7 +240,8 @@ def build(found: dict[str, Any], imgsz: int, work: Path, calib_images: int,
         rows.append({"name": name, "kind": lin["kind"], "label": lin["label"], "runtime": "openvino", "path": path,
                      "params": params, "retrain_run": lin["retrain"]["run_id"], "recipe": lin["recipe"]})
         if lin["kind"] == "pruned" and lin["float"] is not None:
-            pruned_onnx = ultralytics_export(lin["float"], work / f"l{i}_float", format="onnx", imgsz=imgsz, opset=17)
+            # Through our export stage, as `retrain.qat=false` would ship it (its C2f convs merged like the QAT one's).
+            pruned_onnx = stage_export(lin["float"], data, imgsz, work / "exports")
             rows.append({"name": f"ours without QAT: {lin['label']} NNCF PTQ", "kind": "ptq", "label": lin["label"],
                          "runtime": "openvino", "params": params, "retrain_run": lin["retrain"]["run_id"],
                          "recipe": lin["recipe"],

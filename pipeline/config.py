@@ -159,6 +159,7 @@ class PruneConfig:
     latency_backend: str = "auto"  # mode=latency: auto (openvino if installed) | openvino | onnxruntime
     latency_precision: str = "auto"  # mode=latency: auto (int8 when engine.precision=int8, else f32) | int8 | f32
     latency_runs: int = 5  # mode=latency: timed runs (median) per table entry; per model at least 10
+    latency_imgsz: int | None = None  # mode=latency: input size to time at (default: the model's training size)
     normalizer: str = "max"  # max | L2
     equalization: str = "union"  # union | intersection | arithmetic_mean | geometric_mean
     granularity: int = 8  # kept channels rounded up to a multiple of this
@@ -317,7 +318,8 @@ _RANGES: dict[type, dict[str, tuple[float, float]]] = {
     EvaluateConfig: {"imgsz": _SIDE, "batch": _BATCH, "conf": (0.0, 1.0), "iou": (0.0, 1.0), "threads": _THREADS},
     PruneConfig: {"pth": (0.0, 1.0), "target_params_ratio": (0.0, 1.0), "granularity": (1, 4096),
                   "min_filters": (1, 4096), "target_flops_ratio": (0.0, 1.0), "target_latency_ratio": (0.0, 1.0),
-                  "latency_runs": (1, 100000), "drop_blocks": (0, 4096)},
+                  "latency_runs": (1, 100000), "drop_blocks": (0, 4096),
+                  "latency_imgsz": _SIDE},
     ExportConfig: {"opset": (11, 23), "imgsz": _SIDE, "batch": _BATCH, "nms_conf": (0.0, 1.0),
                    "nms_iou": (0.0, 1.0), "latency_runs": (1, 1000000), "threads": _THREADS},
     EngineConfig: {"calib_images": (1, 1000000), "calib_batch": _BATCH, "threads": _THREADS, "min_batch": _BATCH,

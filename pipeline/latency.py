@@ -477,6 +477,17 @@ def predict_ms(pruner: ChannelPruner, grids: dict[nn.Module, ConvGrid], plan: di
 # ---------------------------------------------------------------- the whole model, measured
 
 
+def _merge_as_exported(path: Path) -> None:
+    """The export stage's conv merge (pipeline.graph_merge), so the measured model is the shipped graph."""
+    import onnx
+
+    from pipeline.graph_merge import merge_split_convs
+
+    model = onnx.load(str(path))
+    if merge_split_convs(model):
+        onnx.save(model, str(path))
+
+
 def measure_models(models: Sequence[nn.Module], imgsz: int, backend: str, threads: int, runs: int,
                    workdir: Path, calib: CalibrationSet | None = None) -> list[float]:
     """Median latency (ms) of each model exported to ONNX and built for `backend` as the engine stage
@@ -497,6 +508,7 @@ def measure_models(models: Sequence[nn.Module], imgsz: int, backend: str, thread
         with torch.no_grad():
             torch.onnx.export(m, torch.from_numpy(x), str(path), opset_version=17, input_names=["images"],
                               dynamo=False)
+        _merge_as_exported(path)
         calls.append(_model_call(path, backend, threads, x, calib))
     times: list[list[float]] = [[] for _ in models]
     for call in calls:

@@ -5,7 +5,7 @@ norms, `prune.normalizer`, `prune.equalization` over coupled layers, keep score 
 at least `prune.min_filters`, rounded up to `prune.granularity`; `prune.excluded_layers` groups
 untouched. `prune.mode=target` finds the pth that keeps `prune.target_params_ratio` of the
 parameters instead (or `prune.target_flops_ratio` of the conv FLOPs at the model's image size, when
-set). `prune.mode=latency` times every conv alone on `prune.latency_backend` at that size and at the
+set). `prune.mode=latency` times every conv alone on `prune.latency_backend` at that size (or `prune.latency_imgsz`, the deploy size) and at the
 deploy precision (`prune.latency_precision`: INT8 when the engine deploys INT8; a table cached in
 `<results_dir>/.latency/`) and removes the least important channel blocks per predicted
 millisecond until the prediction is <= `prune.target_latency_ratio` of the unpruned one
@@ -57,6 +57,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     imgsz = side(model_imgsz(src) or 640)
     before = model_figures(model, imgsz)
     unpruned = copy.deepcopy(model) if pc.mode == "latency" else None
+    lat_size = side(pc.latency_imgsz) if pc.latency_imgsz else imgsz  # the deploy size, when it is not the trained one
 
     t0 = time.perf_counter()
     pruner = ChannelPruner(model, normalizer=str(pc.normalizer), equalization=str(pc.equalization),
@@ -67,7 +68,7 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
     lat: dict[str, Any] = {}
     if pc.mode == "latency":
         pth = float("nan")  # the greedy chooses channel counts, not a threshold
-        plan, lat = _latency_plan(cfg, ctx, pruner, imgsz, rule)
+        plan, lat = _latency_plan(cfg, ctx, pruner, lat_size, rule)
     elif pc.mode == "target":
         by = "params" if pc.target_flops_ratio is None else "flops"
         target = float(pc.target_params_ratio if by == "params" else pc.target_flops_ratio)
@@ -135,13 +136,13 @@ def run(cfg: DictConfig, ctx: StageContext) -> StageResult:
                      f"is {kept_params:.3f} (pth {pth:.4f}); granularity={pc.granularity} and "
                      f"min_filters={pc.min_filters} set the steps and the floor")
     if unpruned is not None:  # latency mode
-        calib = _calibration(ctx, imgsz) if lat["latency_precision"] == "int8" else None
-        lat.update(_measured_latency(unpruned, model, imgsz, lat["latency_backend"], lat["latency_threads"],
+        calib = _calibration(ctx, lat_size) if lat["latency_precision"] == "int8" else None
+        lat.update(_measured_latency(unpruned, model, lat_size, lat["latency_backend"], lat["latency_threads"],
                                      int(pc.latency_runs), calib))
         metrics.update(lat)
         ctx.log.info("latency (%s %s, %d threads, %d px): predicted %.3f -> %.3f ms (ratio %.3f), measured %.3f -> "
                      "%.3f ms (ratio %.3f)", lat["latency_backend"], lat["latency_precision"], lat["latency_threads"],
-                     imgsz,
+                     lat_size,
                      lat["latency_predicted_before_ms"], lat["latency_predicted_after_ms"],
                      lat["latency_predicted_ratio"], lat["latency_measured_before_ms"],
                      lat["latency_measured_after_ms"], lat["latency_measured_ratio"])
@@ -185,6 +186,7 @@ def _latency_plan(cfg: DictConfig, ctx: StageContext, pruner: ChannelPruner, img
                  "per-call time, whatever their width)")
     return sel.plan, {
         "target_latency_ratio": float(pc.target_latency_ratio),
+        "latency_imgsz": imgsz,
         "latency_backend": backend,
         "latency_precision": precision,
         "latency_threads": threads,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,6 +285,12 @@ def test_stage_latency_mode_records_predicted_and_measured_latency(tiny64, resul
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(0 measured now" in again.stdout + again.stderr
     assert _record(results_dir)["metrics"]["params"] == m["params"]  # same table, same greedy, same cut
+
+    deploy = run_cli(*args, "prune.latency_imgsz=96")  # deployed at another size than trained: timed there
+    assert deploy.returncode == 0, deploy.stderr[-3000:]
+    m96 = _record(results_dir)["metrics"]
+    assert m96["latency_imgsz"] == 96 and m96["imgsz"] == 64 and m["latency_imgsz"] == 64
+    assert m96["latency_table"] != m["latency_table"] and "96" in Path(m96["latency_table"]).name
 
 
 def test_stage_target_flops_ratio(tiny64, results_dir):
