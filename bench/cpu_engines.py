@@ -79,18 +79,21 @@ def run_config(manifest: Manifest, record: Record) -> dict[str, Any]:
 
 
 def prune_label(config: dict[str, Any]) -> str:
-    """`threshold pth=0.5`, `target params=0.5`, `latency ratio=0.5`: what a prune run asked for."""
+    """`threshold pth=0.5`, `target params=0.5`, `latency ratio=0.5 at 640 px`, `... drop_blocks=3`:
+    what a prune run asked for."""
     p = config.get("prune", {})
     mode = p.get("mode", "threshold")
+    drop = f" drop_blocks={p['drop_blocks']}" if p.get("drop_blocks") else ""
     if mode == "latency":
-        return f"latency ratio={p.get('target_latency_ratio')}"
+        at = f" at {p['latency_imgsz']} px" if p.get("latency_imgsz") else ""
+        return f"latency ratio={p.get('target_latency_ratio')}{at}{drop}"
     if mode == "target":
         by = "flops" if p.get("target_flops_ratio") is not None else "params"
-        return f"target {by}={p.get(f'target_{by}_ratio')}"
-    return f"{mode} pth={p.get('pth')}"
+        return f"target {by}={p.get(f'target_{by}_ratio')}{drop}"
+    return f"{mode} pth={p.get('pth')}{drop}"
 
 
-def discover(results: Path) -> dict[str, Any]:
+def discover(results: Path, only: tuple[str, ...] = ()) -> dict[str, Any]:
     """The trained model, the control lineage and every pruned lineage of a results dir.
 
     A lineage is keyed by its retrain run; its deployable artifact is the newest engine built from
@@ -124,6 +127,10 @@ def discover(results: Path) -> dict[str, Any]:
     # One control per retrain recipe (the newest): a pruned lineage is compared with its own.
     control = list({v["recipe"]: v for v in lineages.values() if v["kind"] == "control"}.values())
     pruned = [v for v in lineages.values() if v["kind"] == "pruned"]
+    if only:  # the lineages asked for by retrain run id (a control of their recipe stays in)
+        pruned = [v for v in pruned if v["retrain"]["run_id"] in only]
+        recipes = {v["recipe"] for v in pruned}
+        control = [v for v in control if v["retrain"]["run_id"] in only or v["recipe"] in recipes]
     differ = recipe_differences([lin["settings"] for lin in control + pruned])
     for lin in control + pruned:
         label = "control" if lin["kind"] == "control" else prune_label(run_config(manifest, lin["prune"]))
@@ -409,6 +416,7 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--no-map", action="store_true", help="skip the mAP evaluations")
     ap.add_argument("--no-ultralytics-qat", action="store_true", help="skip training Ultralytics' own QAT row")
+    ap.add_argument("--only", nargs="*", default=[], help="retrain run ids of the lineages to bench (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name")
     ap.add_argument("--out", type=Path, help="JSON to write (default bench/results/cpu_engines-<date>-<host>[-tag].json)")
     args = ap.parse_args()
@@ -421,7 +429,7 @@ def main() -> None:
     results = args.results or Path(tempfile.mkdtemp(prefix="bench-chain-"))
     if args.build or args.results is None:
         build_chain(results, args.experiment, args.sweep)
-    found = discover(results)
+    found = discover(results, tuple(args.only))
     trained = found["train_config"].get("train", {}).get("imgsz", 640)
     sizes = args.imgsz or list(dict.fromkeys([int(trained), 640]))
     flags = cpu_flags()

@@ -57,14 +57,24 @@ STAGE_MARKERS = {"train": "s", "evaluate": "D", "prune": "v", "retrain": "^", "e
 
 def _prune_setting(record: dict[str, Any], root: Path) -> float | str | None:
     """The pth of a prune run: its metrics, else its run folder's config.yaml (target mode: 'target=R',
-    'target_flops=F'; latency mode: 'latency=L')."""
+    'target_flops=F'; latency mode: 'latency=L', 'latency=L@640' when timed at another size than
+    trained); ' drop_blocks=N' follows when depth pruning removed N bottlenecks."""
+    m = record.get("metrics", {})
+    dropped = len(m.get("blocks_dropped") or [])
+    setting = _channel_setting(record, root)
+    return f"{setting:g} drop_blocks={dropped}" if dropped and isinstance(setting, float) else (
+        f"{setting} drop_blocks={dropped}" if dropped else setting)
+
+
+def _channel_setting(record: dict[str, Any], root: Path) -> float | str | None:
     m = record.get("metrics", {})
     if m.get("pth") is not None and m.get("mode", "threshold") == "threshold":
         return m["pth"]
     if m.get("mode") == "target" and m.get("target_flops_ratio") is not None:
         return f"target_flops={m['target_flops_ratio']:g}"
     if m.get("mode") == "latency" and m.get("target_latency_ratio") is not None:
-        return f"latency={m['target_latency_ratio']:g}"
+        at = m.get("latency_imgsz")
+        return f"latency={m['target_latency_ratio']:g}" + (f"@{at}" if at and at != m.get("imgsz") else "")
     if m.get("mode") == "target" and m.get("target_params_ratio") is not None:
         return f"target={m['target_params_ratio']:g}"
     config = recorded_config(record, root)

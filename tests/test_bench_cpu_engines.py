@@ -107,12 +107,19 @@ def test_each_retrain_recipe_has_its_control(bench, results):
     assert bench.control_of(rows[2], rows)["name"] == "c_off"
     bench.speedups(rows)
     assert rows[2]["speedup_vs_control"] == 4.0
+    # --only: the named lineage and the control of its recipe, nothing else
+    only = bench.discover(results, (p,))
+    assert [lin["label"] for lin in only["pruned"]] == ["threshold pth=0.5"]  # one recipe left: no suffix
+    assert [lin["retrain"]["run_id"] for lin in only["controls"]] == [c]
 
 
 def test_prune_labels_name_mode_and_setting(bench):
     assert bench.prune_label({"prune": {"mode": "target", "target_params_ratio": 0.5}}) == "target params=0.5"
     assert bench.prune_label({"prune": {"mode": "target", "target_flops_ratio": 0.3}}) == "target flops=0.3"
     assert bench.prune_label({}) == "threshold pth=None"
+    assert bench.prune_label({"prune": {"pth": 0.5, "drop_blocks": 3}}) == "threshold pth=0.5 drop_blocks=3"
+    assert (bench.prune_label({"prune": {"mode": "latency", "target_latency_ratio": 0.5, "latency_imgsz": 640}})
+            == "latency ratio=0.5 at 640 px")
 
 
 def test_discover_without_train_exits(bench, tmp_path):

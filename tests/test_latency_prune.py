@@ -309,6 +309,11 @@ def test_report_labels_latency_and_flops_runs(tmp_path):
     flops_run = {"metrics": {"mode": "target", "pth": 0.9, "target_flops_ratio": 0.4, "target_params_ratio": 0.5}}
     assert _prune_setting(latency_run, tmp_path) == "latency=0.5"
     assert _prune_setting(flops_run, tmp_path) == "target_flops=0.4"
+    deployed = {"metrics": {"mode": "latency", "target_latency_ratio": 0.5, "imgsz": 160, "latency_imgsz": 640,
+                            "blocks_dropped": ["model.4.m.1"]}}
+    assert _prune_setting(deployed, tmp_path) == "latency=0.5@640 drop_blocks=1"
+    threshold = {"metrics": {"mode": "threshold", "pth": 0.5, "blocks_dropped": ["a", "b"]}}
+    assert _prune_setting(threshold, tmp_path) == "0.5 drop_blocks=2"
 
 
 def test_bad_latency_backend_is_a_user_error(tiny64, results_dir):
