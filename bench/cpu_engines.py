@@ -21,7 +21,8 @@ batch 1, fixed threads, in interleaved blocks (these machines are noisy: compare
 numbers from different runs), each block of each artifact in a fresh process of its own (two
 runtimes, or several compiled models, in one process leave worker threads spinning that slow
 whatever runs next: measured 4.2 ms for the FP32 ONNX alone, 4.8 after OpenVINO calls in the same
-process, 7.8 in a process holding eight compiled models), median of >= 50 runs after warm-up, with each artifact's
+process, 7.8 in a process holding eight compiled models), median of >= 50 runs after `--warmup` calls per
+block (25: with 5, the vendor and the control, one architecture, read 1.89 and 2.40 ms), with each artifact's
 own mAP50-95 on the validation split, its executed precision, and speedups vs the vendor, the
 unpruned FP32 ONNX and the control. The `goals` block says, per pruned lineage, whether it is
 >= 2x the vendor, >= 5x the FP32 ONNX, within 1 mAP50-95 point of the control, and whether its QAT
@@ -277,7 +278,8 @@ def time_block(row: dict[str, Any], x: Any, threads: int, warmup: int, runs: int
     return out, {k: row[k] for k in ("precision", "inference_precision_hint") if k in row}
 
 
-def time_interleaved(rows: list[dict[str, Any]], x: Any, threads: int, blocks: int, per_block: int) -> None:
+def time_interleaved(rows: list[dict[str, Any]], x: Any, threads: int, blocks: int, per_block: int,
+                     warmup: int = 25) -> None:
     """Per-call times for every row, in blocks that rotate the order, each block in a fresh process
     (module docstring); fills latency figures in place."""
     times: list[list[float]] = [[] for _ in rows]
@@ -288,7 +290,7 @@ def time_interleaved(rows: list[dict[str, Any]], x: Any, threads: int, blocks: i
             order = list(range(len(rows)))[b % len(rows):] + list(range(len(rows)))[: b % len(rows)]
             for i in order:
                 spec = {k: rows[i][k] for k in ("runtime", "path")}
-                block, facts = pool.submit(time_block, spec, x, threads, 5, per_block).result()
+                block, facts = pool.submit(time_block, spec, x, threads, warmup, per_block).result()
                 rows[i].update(facts)
                 times[i] += block
                 block_medians[i].append(statistics.median(block))
@@ -413,6 +415,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=5, help="interleaved timing blocks")
     ap.add_argument("--per-block", type=int, default=12, help="timed runs per artifact per block")
+    ap.add_argument("--warmup", type=int, default=25, help="untimed calls before each block (a fresh process "
+                    "runs its first calls slower: 5 left rows of one architecture 27%% apart)")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--no-map", action="store_true", help="skip the mAP evaluations")
     ap.add_argument("--no-ultralytics-qat", action="store_true", help="skip training Ultralytics' own QAT row")
@@ -436,7 +440,7 @@ def main() -> None:
     report: dict[str, Any] = {
         # date, host, CPU model and load average come from _common.machine()
         "cpu_flags": sorted(f for f in FLAGS if f in flags),
-        "threads": args.threads, "batch": 1, "results_dir": str(results), "train_run": found["train"]["run_id"],
+        "threads": args.threads, "warmup": args.warmup, "batch": 1, "results_dir": str(results), "train_run": found["train"]["run_id"],
         "recipe": recipe(found),
         "versions": {m: __import__(m).__version__ for m in ("onnxruntime", "openvino", "ultralytics", "torch")},
         "sizes": {},
@@ -448,7 +452,7 @@ def main() -> None:
             rows = build(found, imgsz, Path(tmp) / str(imgsz), args.calib_images, qat)
             timed = [r for r in rows if "absent" not in r]
             x = load_batch(split_images(found["data"], "val")[:1], (imgsz, imgsz))
-            time_interleaved(timed, x, args.threads, args.blocks, args.per_block)
+            time_interleaved(timed, x, args.threads, args.blocks, args.per_block, args.warmup)
             if not args.no_map:
                 evaluate_rows(timed, found["data"], imgsz)
             speedups(rows)
