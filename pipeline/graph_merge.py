@@ -17,10 +17,11 @@ different scales) is left as it was.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from pipeline.onnx_graph import GraphIndex
 
 
 def _attrs(node: Any) -> dict[str, bytes]:
@@ -38,22 +39,10 @@ def merge_split_convs(model: Any) -> int:
     from onnx import numpy_helper
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for n in g.node:
-        for name in n.input:
-            consumers[name].append(n)
+    index = GraphIndex(g)
+    producer, consumers, value = index.producer, index.consumers, index.value
     graph_outputs = {o.name for o in g.output}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-
-    def value(name: str) -> np.ndarray | None:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            return numpy_helper.to_array(next(a.t for a in consts[name].attribute if a.name == "value"))
-        return None
 
     def only(name: str) -> list[Any]:
         return [] if name in graph_outputs else consumers.get(name, [])
@@ -90,7 +79,7 @@ def merge_split_convs(model: Any) -> int:
         w = weight(conv)
         if w is None:
             return None
-        found = {"conv": conv, "nodes": [conv, sig, mul, *w["nodes"]], "weight": w, "out": mul.output[0], "q": None}
+        found = {"nodes": [conv, sig, mul, *w["nodes"]], "weight": w, "out": mul.output[0], "q": None}
         after = only(mul.output[0])
         if len(after) == 1 and after[0].op_type == "QuantizeLinear" and value(after[0].input[0]) is None:
             q = after[0]
@@ -104,6 +93,7 @@ def merge_split_convs(model: Any) -> int:
         return found
 
     by_name = {n.name: n for n in g.node if n.op_type == "Conv"}
+    position = {id(n): i for i, n in enumerate(g.node)}
     removed: set[int] = set()
     placed: dict[int, list[Any]] = {}
     merged = 0
@@ -170,8 +160,7 @@ def merge_split_convs(model: Any) -> int:
         old = ca["nodes"] + cb["nodes"]
         removed.update(id(n) for n in old)
         # At the first of the two convs: their shared input is made before it; the rest are initializers.
-        first = min(i for i, n in enumerate(g.node) if n is a or n is b)
-        placed[id(g.node[first])] = nodes
+        placed[id(a) if position[id(a)] < position[id(b)] else id(b)] = nodes
     if not merged:
         return 0
     ordered: list[Any] = []

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.onnx_graph import GraphIndex
+
 # Ops whose outputs hold only values of their inputs: INT8 in, the same INT8 out.
 SCALE_PRESERVING = ("Concat", "Split", "Slice", "MaxPool", "Resize")
 
@@ -69,23 +71,8 @@ def apply(model: Any, residual_add: bool = True) -> dict[str, int]:
     g = model.graph
     layers = [i for i in (_layer(n.name) for n in g.node) if i is not None]
     head = max(layers, default=0)  # the Detect layer; nodes after it (NMS in the graph) have no layer
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for n in g.node:
-        for name in n.input:
-            consumers[name].append(n)
-
-    def value(name: str) -> np.ndarray:
-        from onnx import numpy_helper
-
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        return numpy_helper.to_array(next(a.t for a in consts[name].attribute if a.name == "value"))
-
-    def is_constant(name: str) -> bool:
-        return name in inits or name in consts
+    index = GraphIndex(g)
+    producer, consumers, value, is_constant = index.producer, index.consumers, index.value, index.is_constant
 
     # Activation quantisers: tensor -> its Q nodes (each with its DQ consumers).
     quantisers: dict[str, list[Any]] = defaultdict(list)

@@ -34,13 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from pipeline import depth, latency
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
-from pipeline.engines.common import CalibrationSet, load_batch, pick, split_images
+from pipeline.engines.common import CalibrationSet, pick, split_images
 from pipeline.imgsz import model_imgsz, side
 from pipeline.manifest import atomic_write_text
 from pipeline.models import load_checkpoint, load_model, model_figures, save_checkpoint
@@ -209,17 +210,18 @@ def _drop_blocks(ctx: StageContext, model: torch.nn.Module, count: int, imgsz: i
         return {"blocks_dropped": [], "residual_blocks": len(blocks)}
     if count > len(blocks):
         ctx.warn(f"prune.drop_blocks={count}: this model has {len(blocks)} residual bottlenecks; removing all of them")
-    paths = pick(split_images(ctx.dataset().data_yaml, "train"), images)
-    ratios = depth.branch_ratios(model, torch.from_numpy(load_batch(paths, (imgsz, imgsz))))
+    batch = np.stack(list(_calibration(ctx, imgsz, images).images()))
+    ratios = depth.branch_ratios(model, torch.from_numpy(batch))
     chosen = depth.drop(model, depth.choose(ratios, count))
     ctx.log.info("depth pruning: removed %d of %d residual bottlenecks (branch / input norm on %d training images): %s",
-                 len(chosen), len(blocks), len(paths), ", ".join(f"{n} {ratios[n]:.3f}" for n in chosen))
+                 len(chosen), len(blocks), len(batch), ", ".join(f"{n} {ratios[n]:.3f}" for n in chosen))
     return {"blocks_dropped": chosen, "residual_blocks": len(blocks),
             "block_branch_ratios": {n: round(r, 4) for n, r in ratios.items()}}
 
 
 def _calibration(ctx: StageContext, imgsz: int, images: int = 8) -> CalibrationSet:
-    """A few training images for the INT8 builds of the measured models (their latency, not their mAP)."""
+    """A few training images: for the INT8 builds of the measured models (their latency, not their
+    mAP) and for depth pruning's branch ratios."""
     data_yaml = ctx.dataset().data_yaml
     return CalibrationSet(pick(split_images(data_yaml, "train"), images), (imgsz, imgsz), 1,
                           f"train split of {data_yaml}")

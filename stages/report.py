@@ -62,8 +62,9 @@ def _prune_setting(record: dict[str, Any], root: Path) -> float | str | None:
     m = record.get("metrics", {})
     dropped = len(m.get("blocks_dropped") or [])
     setting = _channel_setting(record, root)
-    return f"{setting:g} drop_blocks={dropped}" if dropped and isinstance(setting, float) else (
-        f"{setting} drop_blocks={dropped}" if dropped else setting)
+    if not dropped:
+        return setting
+    return f"{setting:g} drop_blocks={dropped}" if isinstance(setting, float) else f"{setting} drop_blocks={dropped}"
 
 
 def _channel_setting(record: dict[str, Any], root: Path) -> float | str | None:
