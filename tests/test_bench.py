@@ -84,3 +84,16 @@ def test_match_params_brackets_a_target_inside_a_step(yolov8n):
     assert below <= target < above and r_below > r_above
     assert min(abs(below - target), abs(above - target)) > 0.01 * target
 
+
+
+def test_ov_profile_counts_the_nodes_of_a_compiled_ir(tmp_path):
+    """ov_profile sums per-node counters by executed layer type; the floor IR (one conv) has a conv."""
+    pytest.importorskip("openvino")
+    prof = _bench("ov_profile")
+    xml = prof.floor_ir(tmp_path, 32)
+    r = prof.profile(xml, 32, threads=1, warmup=1, runs=3)
+    assert r["wall_ms"] > 0 and r["executed_nodes"] >= 1
+    assert any(t["type"].startswith("Convolution:") and t["nodes"] == 1 for t in r["by_type"])
+    assert r["nodes_ms"] == pytest.approx(sum(t["us"] for t in r["by_type"]) / 1e3, abs=1e-2)
+    with pytest.raises(SystemExit, match="no OpenVINO IR"):
+        prof.resolve(str(tmp_path / "empty"))
