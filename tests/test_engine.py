@@ -74,7 +74,9 @@ def test_openvino_runs_a_qdq_model_as_int8(qat_export, tiny_data_yaml):  # noqa:
                    "dataset.name=tiny")
     m = record["metrics"]
     assert m["qdq_input"] and m["quantization"].startswith("qat") and "calib_images" not in m  # no recalibration
-    assert m["executed_precision"] == "int8" and m["int8_layers"] > 0 and m["runtime_precisions"].get("u8", 0) > 0
+    # Most compute layers run in int8: u8 activations x i8 weights on VNNI/AVX2, i8 x i8 on AMX; the
+    # Detect decode stays float.
+    assert m["executed_precision"] == "int8" and m["int8_layers"] > m["compute_layers"] / 2, m["runtime_precisions"]
     assert 0.0 <= m["mAP50_95"] <= 1.0 and m["latency_ms"] > 0 and m["openvino_version"] and m["cpu_model"]
     assert m["cpu_int8_vnni"] in (True, False, None)
     # 7-bit weight steps by default: no int16 saturation even without VNNI, so OpenVINO's INT8 agrees
