@@ -71,12 +71,21 @@ def test_cli_rejects_with_exit_2(args, tmp_path):
 
 # -- one base for train.* and retrain.*, sizes that follow the model ---------------------------------
 
-@pytest.mark.parametrize(("experiment", "side"), [("default", 160), ("smoke", 96), ("full", 640)])
+@pytest.mark.parametrize(("experiment", "side"),
+                         [("default", 160), ("smoke", 96), ("full", 640), ("converged", 160)])
 def test_presets_set_the_size_once_and_keep_their_effective_sizes(experiment, side):
     cfg = cfg_with(f"experiment={experiment}")
     assert cfg.train.imgsz == cfg.kmeans.width == cfg.kmeans.height == side
     assert cfg.retrain.imgsz is None  # the pruned model's training size (the train size), found at run time
     validate(cfg)
+
+
+def test_converged_preset_is_the_default_run_trained_to_convergence():
+    default, converged = cfg_with("experiment=default"), cfg_with("experiment=converged")
+    assert converged.experiment == "converged" and converged.train.epochs == 100 and converged.prune.pth == 0.7
+    assert (converged.retrain.epochs, converged.retrain.qat_epochs) == (30, 5)
+    assert converged.dataset == default.dataset and converged.train.sparsity == default.train.sparsity == "l1"
+    assert converged.train.nbs == default.train.nbs and converged.retrain.nbs == default.retrain.nbs
 
 
 def test_kmeans_size_follows_train_unless_set():
