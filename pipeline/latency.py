@@ -329,13 +329,14 @@ def monotone(grid: np.ndarray) -> np.ndarray:
 def build_grids(pruner: ChannelPruner, imgsz: int, table: LatencyTable, granularity: int,
                 min_filters: int) -> tuple[dict[nn.Module, ConvGrid], float]:
     """A grid per conv, measured at the channel counts the prunable groups can give its inputs and
-    outputs, and the per-call overhead (ms) taken off every entry."""
+    outputs, and the per-call overhead (ms) taken off every entry.
+
+    The overhead is the near-empty model's time, but never more than the cheapest conv measured: every
+    one-conv model pays the call overhead, so a larger reading is noise (one busy moment during a
+    one-run measurement), and taking it off every entry would clip the small convs' grids flat to 0.
+    """
     sites = pruner.conv_sites(imgsz)
-    overhead = table.ms(OVERHEAD_KEY)
-
-    def smooth(raw: np.ndarray) -> np.ndarray:
-        return monotone(np.maximum(raw - overhead, 0.0))
-
+    empty = table.ms(OVERHEAD_KEY)
     cuts_out: set[nn.Module] = set()
     cuts_in: set[nn.Module] = set()
     for g in pruner.prunable:
@@ -345,17 +346,20 @@ def build_grids(pruner: ChannelPruner, imgsz: int, table: LatencyTable, granular
     def levels(width: int, cut: bool) -> list[int]:
         return channel_levels(width, granularity, min_filters) if cut else [width]
 
-    grids: dict[nn.Module, ConvGrid] = {}
+    measured: dict[nn.Module, tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = {}
     for module, site in sites.items():
         if site.depthwise:
             cout = levels(site.cout, module in cuts_out or module in cuts_in)
             raw = np.array([[table.ms(_key(site, c, c, c)) for c in cout]])
-            grids[module] = ConvGrid(np.array(cout[-1:]), np.array(cout), raw, smooth(raw), True)
+            measured[module] = (np.array(cout[-1:]), np.array(cout), raw, True)
             continue
         cin = levels(site.cin, module in cuts_in)
         cout = levels(site.cout, module in cuts_out)
         raw = np.array([[table.ms(_key(site, ci, co, site.groups)) for co in cout] for ci in cin])
-        grids[module] = ConvGrid(np.array(cin), np.array(cout), raw, smooth(raw), False)
+        measured[module] = (np.array(cin), np.array(cout), raw, False)
+    overhead = min([empty] + [float(raw.min()) for _, _, raw, _ in measured.values()])
+    grids = {module: ConvGrid(cin, cout, raw, monotone(np.maximum(raw - overhead, 0.0)), depthwise)
+             for module, (cin, cout, raw, depthwise) in measured.items()}
     return grids, overhead
 
 

@@ -106,6 +106,22 @@ def test_channel_levels():
     assert latency.channel_levels(12, 8, 16, levels=4) == [12]  # narrower than min_filters: never cut
 
 
+def test_an_inflated_overhead_reading_does_not_flatten_the_table(v8n):
+    """The near-empty model read during a busy moment costs more than the convs: the overhead taken off
+    is capped at the cheapest conv, so the grids keep their slopes and the selection still saves."""
+    timer = fake_timer(noise=0.0)
+
+    def busy_overhead(key: latency.ConvKey, runs: int) -> list[float]:
+        return [10.0] * runs if key == latency.OVERHEAD_KEY else timer(key, runs)
+
+    pruner = _pruner(v8n)
+    grids, overhead = latency.build_grids(pruner, IMGSZ, latency.LatencyTable(None, busy_overhead), 8, 16)
+    assert overhead == pytest.approx(min(float(g.raw.min()) for g in grids.values())) and overhead < 10.0
+    assert any(float(g.smooth.max()) > 0 for g in grids.values())
+    sel = latency.select(pruner, grids, IMGSZ, 0.7, granularity=8, min_filters=16, overhead_ms=overhead)
+    assert sel.predicted_after_ms < sel.predicted_before_ms and sel.plan
+
+
 def test_table_is_monotone_in_channels_and_records_raw_timings(v8n, tmp_path):
     calls: list = []
     path = tmp_path / ".latency" / "t.json"
