@@ -346,20 +346,20 @@ def build_grids(pruner: ChannelPruner, imgsz: int, table: LatencyTable, granular
     def levels(width: int, cut: bool) -> list[int]:
         return channel_levels(width, granularity, min_filters) if cut else [width]
 
-    measured: dict[nn.Module, tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = {}
+    grids: dict[nn.Module, ConvGrid] = {}  # smooth set once the overhead is known
     for module, site in sites.items():
         if site.depthwise:
             cout = levels(site.cout, module in cuts_out or module in cuts_in)
             raw = np.array([[table.ms(_key(site, c, c, c)) for c in cout]])
-            measured[module] = (np.array(cout[-1:]), np.array(cout), raw, True)
+            grids[module] = ConvGrid(np.array(cout[-1:]), np.array(cout), raw, raw, True)
             continue
         cin = levels(site.cin, module in cuts_in)
         cout = levels(site.cout, module in cuts_out)
         raw = np.array([[table.ms(_key(site, ci, co, site.groups)) for co in cout] for ci in cin])
-        measured[module] = (np.array(cin), np.array(cout), raw, False)
-    overhead = min([empty] + [float(raw.min()) for _, _, raw, _ in measured.values()])
-    grids = {module: ConvGrid(cin, cout, raw, monotone(np.maximum(raw - overhead, 0.0)), depthwise)
-             for module, (cin, cout, raw, depthwise) in measured.items()}
+        grids[module] = ConvGrid(np.array(cin), np.array(cout), raw, raw, False)
+    overhead = min([empty] + [float(g.raw.min()) for g in grids.values()])
+    for g in grids.values():
+        g.smooth = monotone(np.maximum(g.raw - overhead, 0.0))
     return grids, overhead
 
 
