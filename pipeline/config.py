@@ -182,6 +182,9 @@ class ExportConfig:
     half: bool = False  # FP16 weights
     qdq_rules: bool = True  # QAT exports: QDQ placement rules so the INT8 graph fuses (docs/deploy.md)
     merge_convs: bool = True  # pruned C2f: its two 1x1 convs (cv1a, cv1b) back into one conv + Split (exact)
+    # QAT exports: measure the activation ranges again at export.imgsz on engine.calib_* images; auto = only
+    # when export.imgsz differs from the size the model was trained at (docs/deploy.md); always | never
+    recalibrate: str = "auto"
     simplify: bool = True  # onnxslim graph simplification
     nms: bool = False  # put NMS inside the graph (standard ONNX NonMaxSuppression)
     nms_conf: float = 0.25  # with nms: confidence threshold baked into the graph
@@ -295,6 +298,7 @@ _CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
                   "latency_backend": ("auto", "openvino", "onnxruntime"),
                   "latency_precision": ("auto", "int8", "f32"),
                   "equalization": ("union", "intersection", "arithmetic_mean", "geometric_mean")},
+    ExportConfig: {"recalibrate": ("auto", "always", "never")},
     EngineConfig: {"backend": ("auto", "tensorrt", "openvino", "onnxruntime"), "precision": ("fp32", "fp16", "int8"),
                    "float_precision": ("f32", "bf16", "f16", "auto")},
 }

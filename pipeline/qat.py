@@ -19,10 +19,11 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -182,3 +183,45 @@ def checkpoint_is_qat(path: str | Path) -> bool:
 def settings(calib_batches: int, head_outputs: bool = True) -> dict[str, Any]:
     """The quantisation settings for the manifest."""
     return {**QUANT_SETTINGS, "quant_calib_batches": int(calib_batches), "quant_head_outputs": bool(head_outputs)}
+
+
+def activation_quantisers(model: nn.Module) -> list[nn.Module]:
+    """The enabled activation (input) quantisers of `model`; weight quantisers are left out."""
+    return [m for n, m in model.named_modules()
+            if type(m).__name__ == "TensorQuantizer" and n.endswith("input_quantizer") and getattr(m, "is_enabled", True)]
+
+
+def recalibrate_activations(model: nn.Module, batches: Iterable[np.ndarray]) -> int:
+    """Measure again the ranges of `model`'s activation quantisers on `batches`, in place.
+
+    Max calibration, as at the start of QAT, but of the model as QAT left it and on the images the
+    deployed model will see (float32 NCHW in 0..1, at the deploy size): a range calibrated on
+    160 px inputs does not fit the activations of a 640 px input. The weights and their quantiser
+    ranges, what QAT trained, are kept; during the pass the weights stay fake-quantised, as they
+    run when deployed. Returns how many quantisers were recalibrated.
+    """
+    quantisers = activation_quantisers(model)
+    if not quantisers:
+        raise ValueError("the model holds no enabled activation quantiser to recalibrate")
+    for q in quantisers:
+        q.disable_quant()
+        q.enable_calib()
+        q._calibrator.reset()
+    training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+                seen += len(batch)
+    finally:
+        for q in quantisers:
+            q.disable_calib()
+            q.enable_quant()
+        model.train(training)
+    if seen == 0:
+        raise ValueError("no calibration batch to recalibrate the activation ranges on")
+    for q in quantisers:
+        q.load_calib_amax()
+    return len(quantisers)

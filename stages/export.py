@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import graph_merge, qdq_rules
+from pipeline import graph_merge, qat, qdq_rules
 from pipeline.context import StageContext, StageResult
 from pipeline.devices import cpu_threads
 from pipeline.engines import onnxruntime as ortb
@@ -28,7 +28,7 @@ from pipeline.imgsz import imgsz_of, side
 from pipeline.manifest import RUNNING, SUCCEEDED, atomic_write_bytes
 from pipeline.models import load_checkpoint, load_model, model_figures, size_mb
 from stages import spec
-from stages._shared import evaluate_artifact, real_batch
+from stages._shared import calibration_record, calibration_set, evaluate_artifact, real_batch
 
 PARITY_IMAGES = 8  # validation images in the parity batch
 FP32_TOLERANCE = 1e-3  # largest ORT-vs-PyTorch difference an FP32 export should show
@@ -52,12 +52,16 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     if qat and e.half:
         raise UserError("export.half=true does not apply to a QAT model: its ONNX is INT8 (QuantizeLinear/"
                         "DequantizeLinear); export it with export.half=false")
-    imgsz = int(e.imgsz or side(imgsz_of(ckpt.get("train_args")) or 640))
+    trained = imgsz_of(ckpt.get("train_args"))
+    imgsz = int(e.imgsz or side(trained or 640))
     del ckpt
     figures = model_figures(load_model(src), imgsz)
 
     out = ctx.run_dir / "model.onnx"
     with tempfile.TemporaryDirectory(dir=ctx.run_dir, prefix=".export-") as tmp:
+        recalibrated = _recalibrate(cfg, ctx, src, Path(tmp), imgsz, trained) if qat else None
+        if recalibrated is not None:
+            src = recalibrated.pop("path")
         proto = _export(src, Path(tmp) / "main", e, imgsz, nms=bool(e.nms))
         plain = copy.deepcopy(proto) if qat and e.qdq_rules else proto
         # One INT8 scale per Concat/Split/MaxPool/residual-Add group, so runtimes fuse (pipeline.qdq_rules).
@@ -84,6 +88,8 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         "qdq_nodes": qdq_nodes(proto), "qat": qat, "opset": int(e.opset), "imgsz": imgsz,
         "dynamic": bool(e.dynamic), "half": bool(e.half), "nms": bool(e.nms), "merged_convs": merged,
     }
+    if recalibrated is not None:
+        metrics.update(recalibrated)
     if rules is not None:
         metrics.update(qdq_rules=rules, parity_scope=f"{metrics['parity_scope']}, before the QDQ placement rules")
     if not (e.half or qat) and diff > FP32_TOLERANCE:
@@ -104,6 +110,29 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     ctx.log.info("export: %s (%.2f MB, %d QDQ nodes, max |ORT - PyTorch| = %.3g, %.2f ms batch %d on %d threads)",
                  out.name, metrics["size_mb"], metrics["qdq_nodes"], diff, metrics["latency_ms"], len(x), threads)
     return StageResult(outputs=[("model", out)], metrics=metrics)
+
+
+def _recalibrate(cfg: Any, ctx: StageContext, src: Path, tmp: Path, imgsz: int,
+                 trained: Any) -> dict[str, Any] | None:
+    """A QAT checkpoint with its activation ranges measured again at `imgsz` (export.recalibrate), in `tmp`.
+
+    auto: only when `imgsz` is not the size the model was trained (and its ranges calibrated) at.
+    The images are the engine's calibration set (engine.calib_dir, else the training split), the
+    same ones NNCF PTQ calibrates on. Returns the record's part with the new checkpoint's `path`,
+    or None when the trained ranges are kept.
+    """
+    mode = str(cfg.export.recalibrate)
+    if mode == "never" or (mode == "auto" and (trained is None or side(trained) == imgsz)):
+        return None
+    calib = calibration_set(cfg, ctx, (imgsz, imgsz))
+    model = qat.load(src)
+    n = qat.recalibrate_activations(model, calib.batches())
+    path = qat.save(model, tmp / "recalibrated.pt")
+    why = "always" if mode == "always" else f"exported at {imgsz} px, trained at {side(trained)} px"
+    ctx.log.info("export: %d activation ranges of the QAT model recalibrated at %d px on %d images (%s)",
+                 n, imgsz, calib.used, why)
+    return {"path": path, "recalibrated": True, "recalibrated_quantisers": n, "recalibrated_imgsz": imgsz,
+            **calibration_record(ctx, calib)}
 
 
 def _fallback_note(cfg: Any, ctx: StageContext) -> str | None:

@@ -148,3 +148,37 @@ def test_toposort_orders_producers_first():
     _toposort(graph)
     assert [n.name for n in graph.node] == ["first", "mid", "last"]
     onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_qat_model_exported_at_another_size_gets_its_activation_ranges_measured_there(
+        qat_export, qat_pt, tiny_data_yaml, tmp_path):
+    from pipeline import qat
+    from pipeline.engines.common import load_batch, split_images
+
+    # The measurement itself: the first conv's input is the image, so its range is the batch's max;
+    # weight ranges (what QAT trained) stay as they are.
+    model = qat.load(qat_pt)
+    weights = {n: m.amax.clone() for n, m in model.named_modules() if n.endswith("weight_quantizer") and m.is_enabled}
+    x = load_batch(split_images(tiny_data_yaml, "train")[:4], (96, 96))
+    assert qat.recalibrate_activations(model, [x]) == len(qat.activation_quantisers(model)) > 0
+    first = qat.activation_quantisers(model)[0]
+    assert float(first.amax) == pytest.approx(float(x.max()), rel=1e-3)
+    qat.recalibrate_activations(model, [x * 0.5])
+    assert float(first.amax) == pytest.approx(float(x.max()) * 0.5, rel=1e-3)
+    assert all(np.array_equal(m.amax, weights[n]) for n, m in model.named_modules() if n in weights)
+
+    # The stage: auto recalibrates at a size other than the trained one, and not at the trained one.
+    assert "recalibrated" not in qat_export[1]["metrics"]
+    record = stage(tmp_path, "export", f"export.input={qat_pt}", "export.imgsz=96", "export.evaluate=false",
+                   *tiny_dataset(tiny_data_yaml))
+    m = record["metrics"]
+    assert m["recalibrated"] is True and m["recalibrated_imgsz"] == 96 and m["calib_images"] > 0
+    assert m["recalibrated_quantisers"] > 0 and m["qdq_nodes"] > 0
+
+    def scales(proto: onnx.ModelProto) -> list[float]:
+        init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        return [float(init[n.input[1]]) for n in proto.graph.node
+                if n.op_type == "QuantizeLinear" and n.input[1] in init and init[n.input[1]].size == 1]
+
+    trained = scales(onnx.load(str(_onnx_of(*qat_export))))
+    assert scales(onnx.load(str(_onnx_of(tmp_path, record)))) != trained
