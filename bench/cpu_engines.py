@@ -14,6 +14,8 @@ scratch folder, and times:
     OpenVINO (`format=openvino` refuses QAT models); a row that says why when it cannot be built
   - the control: the control lineage's engine (the unpruned model through the same retrain/engine)
   - ours: every pruned lineage's engine, labelled with its prune mode and setting
+    (the control and ours at a size other than the trained one: our export stage at that size, which
+    measures a QAT model's activation ranges again there, `export.recalibrate=auto`)
   - ours without QAT: the same lineage's pruned float model through our export stage -> OpenVINO INT8
     by NNCF PTQ
 
