@@ -297,6 +297,15 @@ def test_stage_latency_mode_records_predicted_and_measured_latency(tiny64, resul
     assert sum(p.numel() for p in load_model(outputs["model"]).parameters()) == m["params"]
     assert "meas. ms" in proc.stdout + proc.stderr
 
+
+@pytest.mark.slow
+def test_stage_latency_table_is_reused_and_measured_again_at_another_deploy_size(tiny64, results_dir):
+    args = ("stage=prune", "experiment=smoke", f"results_dir={results_dir}", f"prune.input={tiny64}",
+            "prune.evaluate=false", "prune.mode=latency", "prune.target_latency_ratio=0.7", "prune.latency_runs=1",
+            "engine.threads=1")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    m = _record(results_dir)["metrics"]
     again = run_cli(*args)  # the table is reused: nothing measured the second time
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(0 measured now" in again.stdout + again.stderr
