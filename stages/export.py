@@ -61,7 +61,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
     with tempfile.TemporaryDirectory(dir=ctx.run_dir, prefix=".export-") as tmp:
         recalibrated = _recalibrate(cfg, ctx, src, Path(tmp), imgsz, trained) if qat else None
         if recalibrated is not None:
-            src = recalibrated.pop("path")
+            src = recalibrated[0]
         proto = _export(src, Path(tmp) / "main", e, imgsz, nms=bool(e.nms))
         plain = copy.deepcopy(proto) if qat and e.qdq_rules else proto
         # One INT8 scale per Concat/Split/MaxPool/residual-Add group, so runtimes fuse (pipeline.qdq_rules).
@@ -89,7 +89,7 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
         "dynamic": bool(e.dynamic), "half": bool(e.half), "nms": bool(e.nms), "merged_convs": merged,
     }
     if recalibrated is not None:
-        metrics.update(recalibrated)
+        metrics.update(recalibrated[1])
     if rules is not None:
         metrics.update(qdq_rules=rules, parity_scope=f"{metrics['parity_scope']}, before the QDQ placement rules")
     if not (e.half or qat) and diff > FP32_TOLERANCE:
@@ -113,13 +113,13 @@ def run(cfg: Any, ctx: StageContext) -> StageResult:
 
 
 def _recalibrate(cfg: Any, ctx: StageContext, src: Path, tmp: Path, imgsz: int,
-                 trained: Any) -> dict[str, Any] | None:
+                 trained: Any) -> tuple[Path, dict[str, Any]] | None:
     """A QAT checkpoint with its activation ranges measured again at `imgsz` (export.recalibrate), in `tmp`.
 
     auto: only when `imgsz` is not the size the model was trained (and its ranges calibrated) at.
     The images are the engine's calibration set (engine.calib_dir, else the training split), the
-    same ones NNCF PTQ calibrates on. Returns the record's part with the new checkpoint's `path`,
-    or None when the trained ranges are kept.
+    same ones NNCF PTQ calibrates on. Returns the new checkpoint and the record's part, or None
+    when the trained ranges are kept.
     """
     mode = str(cfg.export.recalibrate)
     if mode == "never" or (mode == "auto" and (trained is None or side(trained) == imgsz)):
@@ -131,7 +131,7 @@ def _recalibrate(cfg: Any, ctx: StageContext, src: Path, tmp: Path, imgsz: int,
     why = "always" if mode == "always" else f"exported at {imgsz} px, trained at {side(trained)} px"
     ctx.log.info("export: %d activation ranges of the QAT model recalibrated at %d px on %d images (%s)",
                  n, imgsz, calib.used, why)
-    return {"path": path, "recalibrated": True, "recalibrated_quantisers": n, "recalibrated_imgsz": imgsz,
+    return path, {"recalibrated": True, "recalibrated_quantisers": n, "recalibrated_imgsz": imgsz,
             **calibration_record(ctx, calib)}
 
 

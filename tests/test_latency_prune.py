@@ -276,10 +276,15 @@ def tiny64(tmp_path):
     return save_checkpoint(model, tmp_path / "v8n64.pt", extra={"train_args": {"imgsz": 64}})
 
 
-def test_stage_latency_mode_records_predicted_and_measured_latency(tiny64, results_dir):
-    args = ("stage=prune", "experiment=smoke", f"results_dir={results_dir}", f"prune.input={tiny64}",
+def _latency_stage_args(tiny64: Path, results_dir: Path) -> tuple[str, ...]:
+    """The CLI of a latency-mode prune of the tiny model (INT8 table, one timed run per entry)."""
+    return ("stage=prune", "experiment=smoke", f"results_dir={results_dir}", f"prune.input={tiny64}",
             "prune.evaluate=false", "prune.mode=latency", "prune.target_latency_ratio=0.7", "prune.latency_runs=1",
             "engine.threads=1")
+
+
+def test_stage_latency_mode_records_predicted_and_measured_latency(tiny64, results_dir):
+    args = _latency_stage_args(tiny64, results_dir)
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = _record(results_dir)
@@ -300,9 +305,7 @@ def test_stage_latency_mode_records_predicted_and_measured_latency(tiny64, resul
 
 @pytest.mark.slow
 def test_stage_latency_table_is_reused_and_measured_again_at_another_deploy_size(tiny64, results_dir):
-    args = ("stage=prune", "experiment=smoke", f"results_dir={results_dir}", f"prune.input={tiny64}",
-            "prune.evaluate=false", "prune.mode=latency", "prune.target_latency_ratio=0.7", "prune.latency_runs=1",
-            "engine.threads=1")
+    args = _latency_stage_args(tiny64, results_dir)
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     m = _record(results_dir)["metrics"]
