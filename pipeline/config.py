@@ -123,6 +123,9 @@ class RetrainConfig(FitConfig):
     qat_epochs: int = 10  # epochs of the QAT phase that follows float recovery
     qat_lr0: float = 0.001  # learning rate of the QAT phase (SGD, no warmup; docs/retrain-qat.md says why)
     calib_batches: int = 8  # training batches used to calibrate quantiser ranges
+    # how the activation ranges are set before QAT: max = ModelOpt's (the largest |x| seen), percentile =
+    # the mean over the calibration batches of the 99.99th percentile of |x| (TensorRT's percentile calibration)
+    qat_calib: str = "max"
     # quantise the Detect head's output convs too (as NNCF PTQ does); false = Ultralytics' float ones
     qat_head: bool = True
     # distil from the unpruned parent (the train run in the lineage) in both phases (Ultralytics' distill_model);
@@ -298,6 +301,7 @@ _CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
                   "latency_backend": ("auto", "openvino", "onnxruntime"),
                   "latency_precision": ("auto", "int8", "f32"),
                   "equalization": ("union", "intersection", "arithmetic_mean", "geometric_mean")},
+    RetrainConfig: {"qat_calib": ("max", "percentile")},
     ExportConfig: {"recalibrate": ("auto", "always", "never")},
     EngineConfig: {"backend": ("auto", "tensorrt", "openvino", "onnxruntime"), "precision": ("fp32", "fp16", "int8"),
                    "float_precision": ("f32", "bf16", "f16", "auto")},

@@ -92,9 +92,15 @@ def head_output_quantiser(name: str, head: int) -> bool:
 
 
 def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.device = "cpu",
-            head_outputs: bool = True) -> nn.Module:
+            head_outputs: bool = True, method: str = "max") -> nn.Module:
     """Insert calibrated INT8 fake-quantisers into `model` (in place); DFL and the decode stay float,
-    the head's output convolutions too unless `head_outputs` (module docstring)."""
+    the head's output convolutions too unless `head_outputs` (module docstring).
+
+    `method` sets the activation ranges: "max" keeps ModelOpt's (the largest |x| over the batches),
+    "percentile" measures them again on the same batches with `recalibrate_activations`.
+    """
+    if method not in ("max", "percentile"):
+        raise ValueError(f"calibration method {method!r} is not max or percentile")
     require_modelopt()
     from ultralytics.utils.torch_utils import prepare_qat
 
@@ -107,11 +113,13 @@ def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.devi
 
             head = len(quantised.model) - 1
             mtq.enable_quantizer(quantised, lambda n: head_output_quantiser(n, head))
+    if method == "percentile":
+        recalibrate_activations(quantised, (b.to(dev).float() / 255 for b in calib))
     counts = quantiser_counts(quantised)
     if counts["enabled"] == 0:
         raise RuntimeError("ModelOpt inserted no enabled quantiser; the model would train in float")
-    log.info("QAT: %d quantisers enabled, %d kept in float (DFL%s), calibrated on %d batches",
-             counts["enabled"], counts["disabled"], "" if head_outputs else ", head outputs", len(calib))
+    log.info("QAT: %d quantisers enabled, %d kept in float (DFL%s), %s-calibrated on %d batches",
+             counts["enabled"], counts["disabled"], "" if head_outputs else ", head outputs", method, len(calib))
     return quantised
 
 
@@ -180,9 +188,10 @@ def checkpoint_is_qat(path: str | Path) -> bool:
     return bool(load_checkpoint(path).get("modelopt"))
 
 
-def settings(calib_batches: int, head_outputs: bool = True) -> dict[str, Any]:
+def settings(calib_batches: int, head_outputs: bool = True, method: str = "max") -> dict[str, Any]:
     """The quantisation settings for the manifest."""
-    return {**QUANT_SETTINGS, "quant_calib_batches": int(calib_batches), "quant_head_outputs": bool(head_outputs)}
+    return {**QUANT_SETTINGS, "quant_calib_batches": int(calib_batches), "quant_head_outputs": bool(head_outputs),
+            "quant_calib_method": method}
 
 
 def activation_quantisers(model: nn.Module) -> list[nn.Module]:
@@ -198,7 +207,7 @@ def activation_quantisers(model: nn.Module) -> list[nn.Module]:
 RECALIBRATION_PERCENTILE = 99.99
 
 
-def recalibrate_activations(model: nn.Module, batches: Iterable[np.ndarray],
+def recalibrate_activations(model: nn.Module, batches: Iterable[np.ndarray | torch.Tensor],
                             percentile: float = RECALIBRATION_PERCENTILE) -> int:
     """Measure again the ranges of `model`'s activation quantisers on `batches`, in place.
 
@@ -230,7 +239,8 @@ def recalibrate_activations(model: nn.Module, batches: Iterable[np.ndarray],
     try:
         with torch.no_grad():
             for batch in batches:
-                model(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+                x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+                model(x)
     finally:
         for h in hooks:
             h.remove()

@@ -76,7 +76,9 @@ def _smoke_chain(name: str, results: Path) -> list[dict]:
     return json.loads((results / "manifest.json").read_text())["runs"]
 
 
-FAMILIES = [pytest.param("yolo26n"), pytest.param("yolov5nu"),
+# YOLO26 (what users start with) runs in the fast suite; yolov5nu shares v8's Detect head and its C3 blocks are
+# cut in the pruning test above, so its whole chain (40 s) joins the slow ones.
+FAMILIES = [pytest.param("yolo26n"), pytest.param("yolov5nu", marks=pytest.mark.slow),
             pytest.param("yolo12n", marks=pytest.mark.slow), pytest.param("yolo11n", marks=pytest.mark.slow)]
 
 

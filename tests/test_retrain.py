@@ -84,6 +84,26 @@ def test_prepare_can_keep_head_outputs_float_as_ultralytics(tiny_data_yaml):
     _check_quantisers(quantised, lambda n: n.startswith(head) and (not n.endswith(".conv") or ".dfl." in n))
 
 
+def test_prepare_percentile_calibration_sets_ranges_below_the_max_and_leaves_weights(tiny_data_yaml):
+    calib = qat.calibration_batches(tiny_data_yaml, imgsz=64, batch=4, batches=2)
+    torch.manual_seed(0)  # build_model draws the initial weights: the same model twice
+    model = build_model("yolov8n", nc=2)
+    torch.manual_seed(0)
+    by_max = qat.prepare(build_model("yolov8n", nc=2), calib, "cpu")
+    by_pct = qat.prepare(model, calib, "cpu", method="percentile")
+    max_in = [float(q.amax) for q in qat.activation_quantisers(by_max)]
+    pct_in = [float(q.amax) for q in qat.activation_quantisers(by_pct)]
+    assert len(max_in) == len(pct_in) > 50
+    # The percentile of |x| never exceeds its max, and on real images it cuts the tail of most layers.
+    assert all(p <= m * (1 + 1e-5) for p, m in zip(pct_in, max_in, strict=True))
+    assert sum(p < 0.999 * m for p, m in zip(pct_in, max_in, strict=True)) > len(max_in) // 2
+    weights = lambda m: [q.amax.clone() for n, q in m.named_modules() if n.endswith("weight_quantizer") and q.is_enabled]
+    assert all(torch.equal(a, b) for a, b in zip(weights(by_max), weights(by_pct), strict=True))
+    assert qat.settings(8, method="percentile")["quant_calib_method"] == "percentile"
+    with pytest.raises(ValueError, match="calibration method"):
+        qat.prepare(build_model("yolov8n", nc=2), calib, "cpu", method="entropy")
+
+
 def test_qat_checkpoint_round_trip(qat_checkpoint):
     quantised, path = qat_checkpoint
     assert qat.checkpoint_is_qat(path)
@@ -103,7 +123,7 @@ def test_float_model_exports_no_qdq(tiny_model_pt, tmp_path):
 
 def test_settings_for_manifest():
     assert qat.settings(8) == {"quant_bits": 8, "quant_weights": "per_channel", "quant_activations": "per_tensor",
-                               "quant_calib_batches": 8, "quant_head_outputs": True}
+                               "quant_calib_batches": 8, "quant_head_outputs": True, "quant_calib_method": "max"}
     assert qat.settings(4, head_outputs=False)["quant_head_outputs"] is False
 
 
