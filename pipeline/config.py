@@ -126,6 +126,8 @@ class RetrainConfig(FitConfig):
     # how the activation ranges are set before QAT: max = ModelOpt's (the largest |x| seen), percentile =
     # the mean over the calibration batches of the 99.99th percentile of |x| (TensorRT's percentile calibration)
     qat_calib: str = "max"
+    # weights train on -64..64 codes, the steps OpenVINO's CPU engine runs them at (engine.overflow_fix)
+    qat_7bit_weights: bool = False
     # quantise the Detect head's output convs too (as NNCF PTQ does); false = Ultralytics' float ones
     qat_head: bool = True
     # distil from the unpruned parent (the train run in the lineage) in both phases (Ultralytics' distill_model);
@@ -217,6 +219,7 @@ class EngineConfig:
     latency_runs: int = 50  # batch-1 timing runs (after warm-up)
     # OpenVINO, QAT input: 7-bit weight steps so CPUs without VNNI do not saturate (docs/deploy.md)
     overflow_fix: bool = True
+    overflow_fix_layers: str = "all"  # all | first: only the first conv's weights (NNCF PTQ's default, FIRST_LAYER)
 
 
 @dataclass
@@ -304,6 +307,7 @@ _CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     RetrainConfig: {"qat_calib": ("max", "percentile")},
     ExportConfig: {"recalibrate": ("auto", "always", "never")},
     EngineConfig: {"backend": ("auto", "tensorrt", "openvino", "onnxruntime"), "precision": ("fp32", "fp16", "int8"),
+                   "overflow_fix_layers": ("all", "first"),
                    "float_precision": ("f32", "bf16", "f16", "auto")},
 }
 

@@ -92,12 +92,15 @@ def head_output_quantiser(name: str, head: int) -> bool:
 
 
 def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.device = "cpu",
-            head_outputs: bool = True, method: str = "max") -> nn.Module:
+            head_outputs: bool = True, method: str = "max", seven_bit_weights: bool = False) -> nn.Module:
     """Insert calibrated INT8 fake-quantisers into `model` (in place); DFL and the decode stay float,
     the head's output convolutions too unless `head_outputs` (module docstring).
 
     `method` sets the activation ranges: "max" keeps ModelOpt's (the largest |x| over the batches),
     "percentile" measures them again on the same batches with `recalibrate_activations`.
+    `seven_bit_weights` doubles every weight range, so the weights train on the -64..64 codes that
+    OpenVINO's engine runs on CPUs (engine.overflow_fix; widening an 8-bit model there instead costs it
+    the precision it was trained at).
     """
     if method not in ("max", "percentile"):
         raise ValueError(f"calibration method {method!r} is not max or percentile")
@@ -115,6 +118,10 @@ def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.devi
             mtq.enable_quantizer(quantised, lambda n: head_output_quantiser(n, head))
     if method == "percentile":
         recalibrate_activations(quantised, (b.to(dev).float() / 255 for b in calib))
+    if seven_bit_weights:
+        for name, q in quantised.named_modules():
+            if name.endswith("weight_quantizer") and type(q).__name__ == "TensorQuantizer" and q.is_enabled:
+                q.amax = q.amax * 2
     counts = quantiser_counts(quantised)
     if counts["enabled"] == 0:
         raise RuntimeError("ModelOpt inserted no enabled quantiser; the model would train in float")
@@ -188,10 +195,11 @@ def checkpoint_is_qat(path: str | Path) -> bool:
     return bool(load_checkpoint(path).get("modelopt"))
 
 
-def settings(calib_batches: int, head_outputs: bool = True, method: str = "max") -> dict[str, Any]:
+def settings(calib_batches: int, head_outputs: bool = True, method: str = "max",
+             seven_bit_weights: bool = False) -> dict[str, Any]:
     """The quantisation settings for the manifest."""
     return {**QUANT_SETTINGS, "quant_calib_batches": int(calib_batches), "quant_head_outputs": bool(head_outputs),
-            "quant_calib_method": method}
+            "quant_calib_method": method, "quant_weight_codes": 64 if seven_bit_weights else 127}
 
 
 def activation_quantisers(model: nn.Module) -> list[nn.Module]:

@@ -129,7 +129,8 @@ def _qat(recovered: _Phase, data_yaml: Path, args: dict[str, Any], cfg: DictConf
     model = load_model(recovered.path)
     calib = qat.calibration_batches(data_yaml, args["imgsz"], int(args["batch"]), int(rc.calib_batches),
                                     seed=int(cfg.seed), stride=_stride(model))
-    quantised = qat.prepare(model, calib, device, head_outputs=bool(rc.qat_head), method=str(rc.qat_calib))
+    quantised = qat.prepare(model, calib, device, head_outputs=bool(rc.qat_head), method=str(rc.qat_calib),
+                            seven_bit_weights=bool(rc.qat_7bit_weights))
     if rc.qat_epochs == 0:  # calibration only: post-training fake-quantisation without fine-tuning
         path = qat.save(quantised, ctx.run_dir / "model.pt")
         phase = _Phase(path, evaluate(path, data_yaml, imgsz=args["imgsz"], batch=int(args["batch"]), device=device))
@@ -157,7 +158,8 @@ def _result(ctx: StageContext, rc: DictConfig, loaded: _Phase, recovered: _Phase
     }
     did_qat = bool(rc.qat)
     if did_qat:
-        metrics |= {"qat_epochs": final.epochs, **qat.settings(int(rc.calib_batches), bool(rc.qat_head), str(rc.qat_calib))}
+        metrics |= {"qat_epochs": final.epochs, **qat.settings(int(rc.calib_batches), bool(rc.qat_head), str(rc.qat_calib),
+                                                                   bool(rc.qat_7bit_weights))}
     metrics["qat"] = did_qat
     # Size figures from the float view: thop does not count ModelOpt's quantised layers.
     figures = model_figures(load_model(final.path), imgsz, final.path)

@@ -97,7 +97,8 @@ def test_kmeans_size_follows_train_unless_set():
 def test_train_and_retrain_share_one_base():
     assert issubclass(TrainConfig, FitConfig) and issubclass(RetrainConfig, FitConfig)
     assert {"resume"} == {f for f in TrainConfig.__dataclass_fields__} - set(FitConfig.__dataclass_fields__)
-    assert {"qat", "qat_epochs", "qat_lr0", "qat_head", "calib_batches", "distill", "distill_weight"} == (
+    assert {"qat", "qat_epochs", "qat_lr0", "qat_head", "qat_calib", "qat_7bit_weights", "calib_batches", "distill",
+            "distill_weight"} == (
         set(RetrainConfig.__dataclass_fields__) - set(FitConfig.__dataclass_fields__))
 
 

@@ -119,6 +119,11 @@ def test_overflow_fix_widens_weight_steps_only(qat_export, tmp_path):  # noqa: F
     q_of = {n.output[0]: n for n in src.graph.node if n.op_type == "QuantizeLinear"}
     for dq in (n for n in src.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_of):
         assert dq.input[1] == q_of[dq.input[0]].input[1]  # each pair still shares one scale
+    # Weights already on -64..64 codes (widened once, or QAT with retrain.qat_7bit_weights) are left alone.
+    assert ovb.widen_weight_steps(src) == 0
+    assert all(np.array_equal(a[2], b[2]) for a, b in zip(after, scales(src), strict=True))
+    fresh = onnx.load(str(_onnx_of(*qat_export)))
+    assert ovb.widen_weight_steps(fresh, first_only=True) == 1
 
 
 def test_openvino_fp32_matches_onnxruntime_on_the_same_batch(float_export, tiny_data_yaml, tmp_path):  # noqa: F811

@@ -100,8 +100,25 @@ def test_prepare_percentile_calibration_sets_ranges_below_the_max_and_leaves_wei
     weights = lambda m: [q.amax.clone() for n, q in m.named_modules() if n.endswith("weight_quantizer") and q.is_enabled]
     assert all(torch.equal(a, b) for a, b in zip(weights(by_max), weights(by_pct), strict=True))
     assert qat.settings(8, method="percentile")["quant_calib_method"] == "percentile"
+    assert qat.settings(8, seven_bit_weights=True)["quant_weight_codes"] == 64
     with pytest.raises(ValueError, match="calibration method"):
         qat.prepare(build_model("yolov8n", nc=2), calib, "cpu", method="entropy")
+
+
+def test_seven_bit_weights_double_every_weight_range_and_leave_activations(tiny_data_yaml):
+    calib = qat.calibration_batches(tiny_data_yaml, imgsz=64, batch=4, batches=1)
+    torch.manual_seed(0)
+    eight = qat.prepare(build_model("yolov8n", nc=2), calib, "cpu")
+    torch.manual_seed(0)
+    seven = qat.prepare(build_model("yolov8n", nc=2), calib, "cpu", seven_bit_weights=True)
+    ranges = lambda m, kind: [q.amax.clone() for n, q in m.named_modules() if n.endswith(kind) and q.is_enabled]
+    pairs = list(zip(ranges(eight, "weight_quantizer"), ranges(seven, "weight_quantizer"), strict=True))
+    assert len(pairs) > 50 and all(torch.allclose(b, 2 * a) for a, b in pairs)
+    assert all(torch.equal(a, b) for a, b in zip(ranges(eight, "input_quantizer"), ranges(seven, "input_quantizer"),
+                                                  strict=True))
+    conv = next(m for m in seven.modules() if isinstance(m, torch.nn.Conv2d) and m.weight_quantizer.is_enabled)
+    codes = conv.weight_quantizer(conv.weight) / (conv.weight_quantizer.amax / 127)  # fake-quantised weights
+    assert 32 < float(codes.abs().max()) <= 64.5  # the codes the engine runs on a CPU without VNNI
 
 
 def test_qat_checkpoint_round_trip(qat_checkpoint):
@@ -123,7 +140,8 @@ def test_float_model_exports_no_qdq(tiny_model_pt, tmp_path):
 
 def test_settings_for_manifest():
     assert qat.settings(8) == {"quant_bits": 8, "quant_weights": "per_channel", "quant_activations": "per_tensor",
-                               "quant_calib_batches": 8, "quant_head_outputs": True, "quant_calib_method": "max"}
+                               "quant_calib_batches": 8, "quant_head_outputs": True, "quant_calib_method": "max",
+                               "quant_weight_codes": 127}
     assert qat.settings(4, head_outputs=False)["quant_head_outputs"] is False
 
 

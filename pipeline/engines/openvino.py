@@ -84,11 +84,12 @@ class _Images:
 
 def build(src: Path, out_dir: Path, precision: str, qdq: bool, calib: CalibrationSet | None,
           meta: dict[str, Any], log: Any, overflow_fix: Path | None = None,
-          float_precision: str = "f32") -> dict[str, Any]:
+          float_precision: str = "f32", overflow_fix_layers: str = "all") -> dict[str, Any]:
     """Write `out_dir` (a `*_openvino_model/` folder: model.xml, model.bin, metadata.yaml) from an ONNX.
 
     `overflow_fix`: for a QDQ input, where to write the 7-bit-weight ONNX that OpenVINO then reads
-    (kept for the caller's parity check); None reads `src` as it is. `float_precision` (a key of
+    (kept for the caller's parity check); None reads `src` as it is; `overflow_fix_layers` "all" widens
+    every weight quantiser, "first" only the first convolution's (NNCF's FIRST_LAYER). `float_precision` (a key of
     FLOAT_PRECISIONS) is recorded with the IR and applied wherever it is compiled.
     """
     if float_precision not in FLOAT_PRECISIONS:
@@ -100,7 +101,7 @@ def build(src: Path, out_dir: Path, precision: str, qdq: bool, calib: Calibratio
         import onnx
 
         graph = onnx.load(str(src))
-        info["overflow_fix_layers"] = widen_weight_steps(graph)
+        info["overflow_fix_layers"] = widen_weight_steps(graph, first_only=overflow_fix_layers == "first")
         log.info("overflow fix: %d weight quantisers set to 7-bit steps", info["overflow_fix_layers"])
         onnx.save(graph, str(overflow_fix))
         src = overflow_fix
@@ -133,11 +134,28 @@ def build(src: Path, out_dir: Path, precision: str, qdq: bool, calib: Calibratio
     return info
 
 
-def widen_weight_steps(graph: Any) -> int:
+# Without VNNI, u8 x s8 pairs are summed into int16 with saturation: 255 x 64 x 2 = 32640 fits, 255 x 127 x 2 does not.
+SAFE_WEIGHT_CODE = 64
+
+
+def _largest_code(weight: np.ndarray, scale: np.ndarray, node: Any) -> float:
+    """The largest |int8 code| a weight QuantizeLinear gives its weights (per-tensor or per-axis scale)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.ndim == 1 and scale.size > 1:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    return float(np.abs(np.round(weight / np.where(scale == 0, 1.0, scale))).max(initial=0.0))
+
+
+def widen_weight_steps(graph: Any, first_only: bool = False) -> int:
     """Double the scale of every weight QuantizeLinear/DequantizeLinear pair of a QDQ ONNX, in place.
 
     Weights then use -64..63 of the int8 range (7 bits). Activation scales, the trained part that
-    calibration would otherwise have to find, stay exactly as QAT left them. Returns the count.
+    calibration would otherwise have to find, stay exactly as QAT left them. Weights whose codes already
+    fit in -64..64 (a QAT model trained with 7-bit steps) are left as they are. `first_only`: only the
+    first weight quantiser in graph order (the first convolution, which reads the image). Returns the count.
     """
     import onnx
     from onnx import numpy_helper
@@ -158,6 +176,8 @@ def widen_weight_steps(graph: Any) -> int:
     for q in graph.graph.node:
         if q.op_type != "QuantizeLinear" or q.input[0] not in inits:
             continue  # activations (and anything not a constant weight) keep their trained scales
+        if _largest_code(value(q.input[0]), value(q.input[1]), q) <= SAFE_WEIGHT_CODE:
+            continue  # already trained with 7-bit steps (retrain.qat_7bit_weights): nothing to widen
         name = f"{q.input[1]}/overflow_fix_{count}"
         graph.graph.initializer.append(numpy_helper.from_array((value(q.input[1]) * 2).astype(np.float32), name))
         q.input[1] = name
@@ -165,6 +185,8 @@ def widen_weight_steps(graph: Any) -> int:
             if dq.op_type == "DequantizeLinear":
                 dq.input[1] = name
         count += 1
+        if first_only:
+            break
     onnx.checker.check_model(graph)
     return count
 
@@ -345,7 +367,7 @@ class OpenVINOBackend(Backend):
         # overflow fix: the 7-bit-weight one); the fix's own effect shows in mAP50_95 vs source_mAP50_95.
         fixed = out_dir / "qdq_7bit_weights.onnx" if qdq and e.overflow_fix else None
         record = build(src, folder, precision, qdq, calib, settings.meta, log, overflow_fix=fixed,
-                       float_precision=str(e.float_precision))
+                       float_precision=str(e.float_precision), overflow_fix_layers=str(e.overflow_fix_layers))
         outputs = [("model", folder), ("ir_xml", folder / "model.xml"), ("ir_bin", folder / "model.bin")]
         return Built(artifact=folder, outputs=outputs, record=record, reference=fixed)
 
