@@ -119,9 +119,8 @@ def prepare(model: nn.Module, calib: CalibrationImages, device: str | torch.devi
     if method == "percentile":
         recalibrate_activations(quantised, (b.to(dev).float() / 255 for b in calib))
     if seven_bit_weights:
-        for name, q in quantised.named_modules():
-            if name.endswith("weight_quantizer") and type(q).__name__ == "TensorQuantizer" and q.is_enabled:
-                q.amax = q.amax * 2
+        for q in weight_quantisers(quantised):
+            q.amax = q.amax * 2
     counts = quantiser_counts(quantised)
     if counts["enabled"] == 0:
         raise RuntimeError("ModelOpt inserted no enabled quantiser; the model would train in float")
@@ -202,10 +201,19 @@ def settings(calib_batches: int, head_outputs: bool = True, method: str = "max",
             "quant_calib_method": method, "quant_weight_codes": 64 if seven_bit_weights else 127}
 
 
+def _enabled_quantisers(model: nn.Module, kind: str) -> list[nn.Module]:
+    return [m for n, m in model.named_modules()
+            if type(m).__name__ == "TensorQuantizer" and n.endswith(kind) and getattr(m, "is_enabled", True)]
+
+
 def activation_quantisers(model: nn.Module) -> list[nn.Module]:
     """The enabled activation (input) quantisers of `model`; weight quantisers are left out."""
-    return [m for n, m in model.named_modules()
-            if type(m).__name__ == "TensorQuantizer" and n.endswith("input_quantizer") and getattr(m, "is_enabled", True)]
+    return _enabled_quantisers(model, "input_quantizer")
+
+
+def weight_quantisers(model: nn.Module) -> list[nn.Module]:
+    """The enabled weight quantisers of `model` (per-channel ranges)."""
+    return _enabled_quantisers(model, "weight_quantizer")
 
 
 # Recalibration at another size: the range of an activation is the mean over calibration batches of

@@ -158,8 +158,8 @@ def _result(ctx: StageContext, rc: DictConfig, loaded: _Phase, recovered: _Phase
     }
     did_qat = bool(rc.qat)
     if did_qat:
-        metrics |= {"qat_epochs": final.epochs, **qat.settings(int(rc.calib_batches), bool(rc.qat_head), str(rc.qat_calib),
-                                                                   bool(rc.qat_7bit_weights))}
+        metrics |= {"qat_epochs": final.epochs, **qat.settings(int(rc.calib_batches), bool(rc.qat_head),
+                                                                   str(rc.qat_calib), bool(rc.qat_7bit_weights))}
     metrics["qat"] = did_qat
     # Size figures from the float view: thop does not count ModelOpt's quantised layers.
     figures = model_figures(load_model(final.path), imgsz, final.path)
