@@ -421,6 +421,9 @@ def main() -> None:
                     "runs its first calls slower: 5 left rows of one architecture 27%% apart)")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--no-map", action="store_true", help="skip the mAP evaluations")
+    ap.add_argument("--map-data", type=Path, help="data.yaml whose val split the mAP is measured on instead of the "
+                    "lineage's own (its checkpoints were chosen on that one: a held-out set reads without that bias; "
+                    "bench/heldout_synthetic.py writes one)")
     ap.add_argument("--no-ultralytics-qat", action="store_true", help="skip training Ultralytics' own QAT row")
     ap.add_argument("--only", nargs="*", default=[], help="retrain run ids of the lineages to bench (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the default JSON name")
@@ -447,6 +450,12 @@ def main() -> None:
         "versions": {m: __import__(m).__version__ for m in ("onnxruntime", "openvino", "ultralytics", "torch")},
         "sizes": {},
     }
+    map_data = found["data"]
+    if args.map_data is not None:
+        if not args.map_data.is_file():
+            ap.error(f"--map-data {args.map_data} is not a data.yaml file")
+        map_data = args.map_data.resolve()
+        report["map_data"] = str(map_data)
     with tempfile.TemporaryDirectory(prefix="bench-cpu-engines-") as tmp:
         qat = ("skipped (--no-ultralytics-qat)" if args.no_ultralytics_qat
                else ultralytics_qat(found, Path(tmp) / "ultralytics_qat"))
@@ -456,7 +465,7 @@ def main() -> None:
             x = load_batch(split_images(found["data"], "val")[:1], (imgsz, imgsz))
             time_interleaved(timed, x, args.threads, args.blocks, args.per_block, args.warmup)
             if not args.no_map:
-                evaluate_rows(timed, found["data"], imgsz)
+                evaluate_rows(timed, map_data, imgsz)
             speedups(rows)
             for row in timed:
                 row["size_mb"] = size_mb(row["path"])

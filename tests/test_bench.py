@@ -97,3 +97,31 @@ def test_ov_profile_counts_the_nodes_of_a_compiled_ir(tmp_path):
     assert r["nodes_ms"] == pytest.approx(sum(t["us"] for t in r["by_type"]) / 1e3, abs=1e-2)
     with pytest.raises(SystemExit, match="no OpenVINO IR"):
         prof.resolve(str(tmp_path / "empty"))
+
+
+def test_heldout_synthetic_draws_new_images_like_the_lineages(tmp_path):
+    import yaml
+
+    from pipeline.datasets.synthetic import generate
+
+    run = tmp_path / "results" / "train" / "train-20260101T000000-abcd"
+    run.mkdir(parents=True)
+    dataset = {"path": None, "synthetic_imgsz": 64, "synthetic_classes": 2}
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 3, "dataset": dataset}))
+    out = tmp_path / "heldout"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "heldout_synthetic.py"), str(tmp_path / "results"),
+                           str(out), "--images", "4"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load((out / "data.yaml").read_text())
+    assert data["names"] == {0: "circle", 1: "square"}
+    images = sorted((out / "images" / "val").glob("*.jpg"))
+    assert len(images) == 4 and len(list((out / "labels" / "val").glob("*.txt"))) == 4
+    # the lineage's own val images (seed 3) are other images
+    own = generate(tmp_path / "own", n_train=1, n_val=4, n_unlabeled=0, imgsz=64, n_classes=2, seed=3)
+    assert all(a.read_bytes() != b.read_bytes()
+               for a, b in zip(images, sorted((own.parent / "images" / "val").glob("*.jpg")), strict=True))
+    # a lineage trained on the user's own data is refused with the fix
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "dataset": {**dataset, "path": "/data/mine"}}))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "heldout_synthetic.py"), str(tmp_path / "results"),
+                           str(tmp_path / "h2")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "hold out a split" in proc.stderr

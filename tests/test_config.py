@@ -84,6 +84,9 @@ def test_converged_preset_is_the_default_run_trained_to_convergence():
     default, converged = cfg_with("experiment=default"), cfg_with("experiment=converged")
     assert converged.experiment == "converged" and converged.train.epochs == 100 and converged.prune.pth == 0.7
     assert (converged.retrain.epochs, converged.retrain.qat_epochs) == (30, 5)
+    # the QAT recipe measured on converged lineages; the schema's defaults stay for the short default run
+    assert (converged.retrain.qat_calib, converged.retrain.qat_lr0) == ("percentile", 1e-4)
+    assert (default.retrain.qat_calib, default.retrain.qat_lr0) == ("max", 1e-3)
     assert converged.dataset == default.dataset and converged.train.sparsity == default.train.sparsity == "l1"
     assert converged.train.nbs == default.train.nbs and converged.retrain.nbs == default.retrain.nbs
 
